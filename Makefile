@@ -1,0 +1,41 @@
+# Every target sets up what it needs: Debian packages (as root), then .venv.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEBIAN_PROGRAMS := fusermount3:fuse3 qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
+	fio:fio nbdinfo:libnbd-bin qemu-storage-daemon:qemu-system-common
+DEBIAN_PYTHON_MODULES := nbd:python3-libnbd
+
+.PHONY: run test lint iotests bench deps venv clean
+
+deps:
+	@scripts/install-debian-deps $(DEBIAN_PROGRAMS) -- $(DEBIAN_PYTHON_MODULES)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[test]'
+	@scripts/link-debian-libnbd $(PY)
+	@touch $@
+
+venv: deps $(STAMP)
+
+run: venv
+	@scripts/run-demo
+
+test: venv
+	@$(PY) -m pytest -q tests
+	@$(PY) iotests/check
+
+iotests: venv
+	@$(PY) iotests/check
+
+lint: venv
+	@$(VENV)/bin/ruff check qsd tests scripts iotests
+	@$(VENV)/bin/mypy --strict qsd
+
+bench: venv
+	@$(PY) scripts/bench-fuse
+
+clean:
+	rm -rf $(VENV) run bench-results

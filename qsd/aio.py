@@ -1,0 +1,57 @@
+"""AioContext: one OS thread and the asyncio loop it runs.
+
+The main thread's context runs QMP and every graph change; each iothread has its own.
+Code that owns an fd or a request queue runs in exactly one context and is reached from
+other threads only through the thread-safe calls here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class AioContext:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, thread: threading.Thread):
+        self.name = name
+        self.loop = loop
+        self.thread = thread
+
+    def in_this_thread(self) -> bool:
+        return threading.current_thread() is self.thread
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedules ``coro`` on this context's loop from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs ``coro`` in this context and awaits its result from the caller's loop."""
+        if self.in_this_thread():
+            return await coro
+        return await asyncio.wrap_future(self.run(coro))
+
+    def call_soon(self, fn: Callable[..., object], *args: object) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def __repr__(self) -> str:
+        return f"AioContext({self.name!r})"
+
+
+_main: AioContext | None = None
+
+
+def set_main_context(loop: asyncio.AbstractEventLoop) -> AioContext:
+    global _main
+    _main = AioContext("main", loop, threading.current_thread())
+    return _main
+
+
+def main_context() -> AioContext:
+    if _main is None:
+        raise RuntimeError("the main loop is not running")
+    return _main

@@ -1,0 +1,44 @@
+"""The driver-independent part of a block export."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from qsd.aio import AioContext
+    from qsd.block.backend import BlockBackend
+    from qsd.daemon import Daemon
+
+
+class BlockExport:
+    """One export: its id, its BlockBackend and the driver's serving machinery.
+
+    The registry (registry.py) performs every check common to all export types and owns
+    the lifecycle; a driver only knows how to serve and how to stop serving.
+    """
+
+    type: ClassVar[str]
+    supports_multithread: ClassVar[bool] = False
+
+    def __init__(self, daemon: Daemon, export_id: str, node_name: str, blk: BlockBackend,
+                 contexts: list[AioContext]) -> None:
+        self.daemon = daemon
+        self.id = export_id
+        self.node_name = node_name
+        self.blk = blk
+        self.contexts = contexts
+        self.shutting_down = False
+
+    @classmethod
+    async def create(cls, daemon: Daemon, opts: Any, blk: BlockBackend,
+                     contexts: list[AioContext]) -> BlockExport:
+        """Starts serving; on failure everything acquired so far is released."""
+        raise NotImplementedError
+
+    def in_use(self) -> bool:
+        """True while clients are connected (``mode=safe`` deletion refuses then)."""
+        return False
+
+    async def shutdown(self) -> None:
+        """Stops serving and drops clients; releases mounts, fds and sockets."""
+        raise NotImplementedError
