@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: deps $(STAMP)
 
 run: venv
-	@scripts/run-demo
+	@$(PY) scripts/run-demo
 
 test: venv
 	@$(PY) -m pytest -q tests

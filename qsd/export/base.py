@@ -30,6 +30,11 @@ class BlockExport:
         self.shutting_down = False
 
     @classmethod
+    def extra_perm(cls, opts: Any) -> int:
+        """Permissions beyond read (and write when writable) that this type needs."""
+        return 0
+
+    @classmethod
     async def create(cls, daemon: Daemon, opts: Any, blk: BlockBackend,
                      contexts: list[AioContext]) -> BlockExport:
         """Starts serving; on failure everything acquired so far is released."""

@@ -1,0 +1,26 @@
+"""block-export-add, block-export-del, query-block-exports."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qsd.commands.registry import command
+
+if TYPE_CHECKING:
+    from qsd.daemon import Daemon
+
+
+@command("block-export-add")
+async def block_export_add(daemon: Daemon, args: Any) -> None:
+    await daemon.exports.add(args)
+
+
+@command("block-export-del")
+async def block_export_del(daemon: Daemon, args: Any) -> None:
+    mode = getattr(args.mode, "value", args.mode) or "safe"
+    await daemon.exports.delete(args.id, mode)
+
+
+@command("query-block-exports")
+async def query_block_exports(daemon: Daemon, args: None) -> list[dict[str, object]]:
+    return daemon.exports.query()

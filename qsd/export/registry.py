@@ -1,0 +1,140 @@
+"""block-export-add/-del bookkeeping shared by every export type, in QEMU's order of checks."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import TYPE_CHECKING, Any
+
+from qsd.aio import AioContext
+from qsd.block.backend import BlockBackend
+from qsd.block.permissions import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
+from qsd.errors import QMPError
+from qsd.export.base import BlockExport
+
+if TYPE_CHECKING:
+    from qsd.daemon import Daemon
+
+# QEMU's id_wellformed(): a letter, then letters, digits, '-', '.' or '_'.
+_WELL_FORMED_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
+
+
+def export_drivers() -> dict[str, type[BlockExport]]:
+    """Export types by QAPI name; imported lazily so an unused driver costs nothing."""
+    from qsd.export.fuse.export import FuseExport
+    from qsd.export.nbd import NbdExport
+
+    return {"nbd": NbdExport, "fuse": FuseExport}
+
+
+class ExportRegistry:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        # Newest first, as QEMU's list (query-block-exports shows that order).
+        self.exports: list[BlockExport] = []
+        self._deletions: set[asyncio.Task[None]] = set()
+
+    def find(self, export_id: str) -> BlockExport | None:
+        for exp in self.exports:
+            if exp.id == export_id:
+                return exp
+        return None
+
+    async def add(self, opts: Any) -> BlockExport:
+        if not _WELL_FORMED_ID.match(opts.id):
+            raise QMPError("Invalid block export id")
+        if self.find(opts.id) is not None:
+            raise QMPError(f"Block export id '{opts.id}' is already in use")
+        driver = export_drivers().get(getattr(opts.type, "value", opts.type))
+        if driver is None:
+            raise QMPError("No driver found for the requested export type")
+        graph = self.daemon.graph
+        node = graph.find_node(opts.node_name)
+        if node is None:
+            raise QMPError(f"Cannot find device='' nor node-name='{opts.node_name}'")
+        writable = bool(opts.writable)
+        if node.read_only and writable:
+            raise QMPError("Cannot export read-only node as writable")
+        contexts = await self._contexts(opts, driver, node)
+
+        perm = PERM_CONSISTENT_READ | (PERM_WRITE if writable else 0) | driver.extra_perm(opts)
+        blk = BlockBackend(graph, node, perm=perm, shared=PERM_ALL,
+                           owner=f"block export '{opts.id}'")
+        blk.set_writethrough(bool(opts.writethrough))
+        try:
+            exp = await driver.create(self.daemon, opts, blk, contexts)
+        except BaseException:
+            blk.detach()
+            raise
+        self.exports.insert(0, exp)
+        return exp
+
+    async def _contexts(self, opts: Any, driver: type[BlockExport], node: Any
+                        ) -> list[AioContext]:
+        """The AioContexts the export serves in; moves the node for a single iothread."""
+        iothreads = self.daemon.iothreads
+        if isinstance(opts.iothread, list):
+            if not opts.iothread:
+                raise QMPError("The set of I/O threads must not be empty")
+            contexts = []
+            for name in opts.iothread:
+                if name not in iothreads:
+                    raise QMPError(f'iothread "{name}" not found')
+                contexts.append(iothreads[name].ctx)
+            if opts.fixed_iothread:
+                raise QMPError("Cannot use fixed-iothread for a multi-threaded export")
+            if not driver.supports_multithread:
+                raise QMPError(f"{driver.type.upper()} export does not support multi-threading")
+            return contexts
+        if opts.iothread is not None:
+            iothread = iothreads.get(opts.iothread)
+            if iothread is None:
+                raise QMPError(f'iothread "{opts.iothread}" not found')
+            try:
+                await self.daemon.graph.set_aio_context(node, iothread.ctx)
+            except QMPError:
+                if opts.fixed_iothread:
+                    raise
+        return [node.ctx]
+
+    async def delete(self, export_id: str, mode: str) -> None:
+        exp = self.find(export_id)
+        if exp is None:
+            raise QMPError(f"Export '{export_id}' is not found")
+        if exp.shutting_down:
+            raise QMPError(f"Export '{export_id}' is already shutting down")
+        if mode == "safe" and exp.in_use():
+            raise QMPError(f"export '{export_id}' still in use")
+        self._start_shutdown(exp)
+
+    def _start_shutdown(self, exp: BlockExport) -> asyncio.Task[None]:
+        """Marks the export as going away; its event follows once it is really gone."""
+        exp.shutting_down = True
+        task = asyncio.get_running_loop().create_task(self._finish(exp))
+        self._deletions.add(task)
+        task.add_done_callback(self._deletions.discard)
+        return task
+
+    async def _finish(self, exp: BlockExport) -> None:
+        # Let the command's reply go out before the event, as QEMU's bottom half does.
+        await asyncio.sleep(0)
+        try:
+            await exp.shutdown()
+        finally:
+            exp.blk.detach()
+            self.exports.remove(exp)
+            self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": exp.id})
+
+    async def close_all(self, type_name: str | None = None) -> None:
+        """Shuts down every export (of one type), oldest first, each event sent when gone."""
+        for exp in list(reversed(self.exports)):
+            if type_name is None or exp.type == type_name:
+                if not exp.shutting_down:
+                    self._start_shutdown(exp)
+                await asyncio.gather(*self._deletions, return_exceptions=True)
+        while self._deletions:
+            await asyncio.gather(*self._deletions, return_exceptions=True)
+
+    def query(self) -> list[dict[str, object]]:
+        return [{"id": exp.id, "type": exp.type, "node-name": exp.node_name,
+                 "shutting-down": exp.shutting_down} for exp in self.exports]

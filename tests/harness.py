@@ -1,0 +1,118 @@
+"""Starting and stopping real qsd processes for whole-daemon tests.
+
+Every daemon is started as a child process, watched by PID and ended by PID (SIGTERM, then
+SIGKILL after a grace period); FUSE mounts it may have left are lazily unmounted so that a
+failing test cannot leave a mount behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QSD = [sys.executable, "-m", "qsd"]
+
+
+def fuse_mounts() -> set[str]:
+    with open("/proc/mounts") as mounts:
+        return {line.split()[1] for line in mounts if line.split()[2].startswith("fuse")}
+
+
+def wait_for_path(path: Path, proc: subprocess.Popen[bytes] | None = None,
+                  timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"qsd exited with {proc.returncode}: "
+                               f"{proc.stderr.read().decode() if proc.stderr else ''}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.01)
+
+
+class Qsd:
+    """One qsd process with a QMP monitor on ``self.qmp_path``."""
+
+    def __init__(self, workdir: Path, args: list[str], monitor: bool = True,
+                 pretty: bool = False) -> None:
+        self.workdir = workdir
+        self.qmp_path = workdir / f"qmp-{os.getpid()}-{id(self)}.sock"
+        monitor_args = []
+        if monitor:
+            monitor_args = ["--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
+                            "--monitor", "qmp0" + (",pretty=on" if pretty else "")]
+        self.mounts_before = fuse_mounts()
+        self.stdout = b""
+        self.stderr = b""
+        self.proc = subprocess.Popen(QSD + monitor_args + args, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, cwd=workdir)
+        if monitor:
+            wait_for_path(self.qmp_path, self.proc)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def connect_raw(self) -> RawMonitor:
+        return RawMonitor(self.qmp_path)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for mount in fuse_mounts() - self.mounts_before:
+            if mount.startswith(str(self.workdir)):
+                subprocess.run(["umount", "-l", mount], check=False)
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
+            self.stdout = self.proc.stdout.read()
+            self.proc.stdout.close()
+        if self.proc.stderr is not None and not self.proc.stderr.closed:
+            self.stderr = self.proc.stderr.read()
+            self.proc.stderr.close()
+        return self.proc.returncode
+
+
+class RawMonitor:
+    """Byte-level QMP access, for what a library client would never send."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.settimeout(10)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("monitor closed the connection")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\r\n")
+        return line
+
+    def command(self, line: bytes) -> bytes:
+        self.send(line + b"\n")
+        return self.recv_line()
+
+    def negotiate(self) -> bytes:
+        greeting = self.recv_line()
+        assert self.command(b'{"execute": "qmp_capabilities"}') == b'{"return": {}}'
+        return greeting
+
+    def close(self) -> None:
+        self.sock.close()
