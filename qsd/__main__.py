@@ -59,7 +59,7 @@ async def _run(cmdline: CommandLine, ready_fd: int | None) -> int:
     daemon = Daemon()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(signum, daemon.request_shutdown)
+        loop.add_signal_handler(signum, daemon.request_shutdown, "host-signal")
     pidfile_written = False
     try:
         for option in cmdline.options:

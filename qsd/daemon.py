@@ -26,13 +26,21 @@ class Daemon:
         self.monitors: list[Monitor] = []
         self.nbd_server: Any = None
         self._shutdown_requested = asyncio.Event()
+        self._shutdown_announced = False
 
     def emit_event(self, name: str, data: dict[str, object] | None = None) -> None:
         message = event_message(name, data)
         for monitor in self.monitors:
             monitor.emit(message)
 
-    def request_shutdown(self) -> None:
+    def announce_shutdown(self, reason: str) -> None:
+        """Sends QEMU's SHUTDOWN event once, before anything is taken down."""
+        if not self._shutdown_announced:
+            self._shutdown_announced = True
+            self.emit_event("SHUTDOWN", {"guest": False, "reason": reason})
+
+    def request_shutdown(self, reason: str) -> None:
+        self.announce_shutdown(reason)
         self._shutdown_requested.set()
 
     async def wait_for_shutdown_request(self) -> None:

@@ -92,7 +92,8 @@ def test_daemonize(tmp_path: Path) -> None:
     try:
         raw = RawMonitor(sock)
         raw.negotiate()
-        assert raw.command(b'{"execute":"quit"}') == b'{"return": {}}'
+        assert b'"SHUTDOWN"' in raw.command(b'{"execute":"quit"}')
+        assert raw.recv_line() == b'{"return": {}}'
         raw.close()
         deadline = time.monotonic() + 10
         while pidfile.exists() and time.monotonic() < deadline:

@@ -143,6 +143,9 @@ def test_quit_replies_then_exits(start_qsd: QsdFactory) -> None:
     daemon = start_qsd()
     raw = daemon.connect_raw()
     raw.negotiate()
-    assert raw.command(b'{"execute":"quit"}') == b'{"return": {}}'
+    event = json.loads(raw.command(b'{"execute":"quit"}'))
+    assert event["event"] == "SHUTDOWN"
+    assert event["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    assert raw.recv_line() == b'{"return": {}}'
     assert daemon.wait() == 0
     assert not daemon.qmp_path.exists()

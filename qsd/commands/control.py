@@ -40,7 +40,8 @@ async def query_qmp_schema(daemon: Daemon, args: None) -> list[dict[str, object]
 
 @command("quit")
 async def quit_(daemon: Daemon, args: None) -> None:
-    # QEMU's daemon deletes its exports (sending their events) before the reply goes out,
-    # then exits once the reply was written.
+    # QEMU's daemon announces the shutdown and deletes its exports (sending their events)
+    # before the reply goes out, then exits once the reply was written.
+    daemon.announce_shutdown("host-qmp-quit")
     await daemon.close_exports()
-    asyncio.get_running_loop().call_soon(daemon.request_shutdown)
+    asyncio.get_running_loop().call_soon(daemon.request_shutdown, "host-qmp-quit")
