@@ -1,0 +1,120 @@
+# Shell helpers for bash iotests (source it: . ./common.sh).
+#
+# One daemon per test:
+#   qsd_start [qsd options...]   start $QSD_PROG in the background with a QMP monitor on
+#                                $SOCK_DIR/qsd-qmp.sock; $QSD_PID is its PID.  If the
+#                                daemon exits instead, the test ends (status 1).
+#   qmp_cmd '<json>'             send one command, print the reply line
+#   qmp_wait_event NAME [SECS]   print the next NAME event not yet waited for
+#   qsd_stop                     SIGTERM the daemon by PID, wait, drop the connection
+#   qsd_wait                     wait for a daemon that exits by itself (e.g. 'quit')
+# The QMP connection is iotests.py's relay: commands go through a fifo, replies and
+# events land in $SOCK_DIR/qsd-replies / qsd-events, which the functions poll.
+
+QSD_PID=
+QSD_RELAY_PID=
+QSD_QMP_FD=
+QSD_REPLY_LINE=0
+QSD_EVENT_LINE=0
+QSD_TIMEOUT=${QSD_TIMEOUT:-30}
+
+_qsd_lines() {
+    wc -l < "$1"
+}
+
+qsd_start() {
+    local sock="$SOCK_DIR/qsd-qmp.sock" fifo="$SOCK_DIR/qsd-qmp.in" i
+    rm -f "$sock" "$fifo" "$SOCK_DIR/qsd-replies" "$SOCK_DIR/qsd-events"
+    : > "$SOCK_DIR/qsd-replies"
+    : > "$SOCK_DIR/qsd-events"
+    QSD_REPLY_LINE=0
+    QSD_EVENT_LINE=0
+    # shellcheck disable=SC2086  # QSD_PROG may be "python -m qsd"
+    $QSD_PROG "$@" --chardev "socket,id=qmp-mon,path=$sock,server=on,wait=off" \
+        --monitor qmp-mon &
+    QSD_PID=$!
+    for ((i = 0; i < QSD_TIMEOUT * 50; i++)); do
+        [ -S "$sock" ] && break
+        if ! kill -0 "$QSD_PID" 2>/dev/null; then
+            wait "$QSD_PID"
+            echo "qsd_start: qsd exited with status $?"
+            exit 1
+        fi
+        sleep 0.02
+    done
+    mkfifo "$fifo"
+    "$PYTHON" "$IOTESTS_DIR/iotests.py" qmp-relay "$sock" "$fifo" \
+        "$SOCK_DIR/qsd-replies" "$SOCK_DIR/qsd-events" &
+    QSD_RELAY_PID=$!
+    exec {QSD_QMP_FD}>"$fifo"
+}
+
+# Wait until FILE has more than LINE lines; print line LINE+1.
+_qsd_next_line() {
+    local file=$1 line=$2 timeout=$3 i
+    for ((i = 0; i < timeout * 100; i++)); do
+        if [ "$(_qsd_lines "$file")" -gt "$line" ]; then
+            sed -n "$((line + 1))p" "$file"
+            return 0
+        fi
+        sleep 0.01
+    done
+    return 1
+}
+
+qmp_cmd() {
+    if [ -z "$QSD_QMP_FD" ]; then
+        echo "qmp_cmd: qsd is not running"
+        return 1
+    fi
+    printf '%s\n' "$1" >&"$QSD_QMP_FD"
+    if ! _qsd_next_line "$SOCK_DIR/qsd-replies" "$QSD_REPLY_LINE" "$QSD_TIMEOUT"; then
+        echo "qmp_cmd: no reply to $1"
+        return 1
+    fi
+    QSD_REPLY_LINE=$((QSD_REPLY_LINE + 1))
+}
+
+qmp_wait_event() {
+    local name=$1 timeout=${2:-$QSD_TIMEOUT} event deadline=$((SECONDS + ${2:-$QSD_TIMEOUT}))
+    while [ "$SECONDS" -le "$deadline" ]; do
+        if ! event=$(_qsd_next_line "$SOCK_DIR/qsd-events" "$QSD_EVENT_LINE" "$timeout"); then
+            break
+        fi
+        QSD_EVENT_LINE=$((QSD_EVENT_LINE + 1))
+        if [[ $event == *"\"event\": \"$name\""* ]]; then
+            printf '%s\n' "$event"
+            return 0
+        fi
+    done
+    echo "qmp_wait_event: no $name event"
+    return 1
+}
+
+_qsd_drop_connection() {
+    if [ -n "$QSD_QMP_FD" ]; then
+        exec {QSD_QMP_FD}>&-
+        QSD_QMP_FD=
+    fi
+    if [ -n "$QSD_RELAY_PID" ]; then
+        wait "$QSD_RELAY_PID" 2>/dev/null
+        QSD_RELAY_PID=
+    fi
+}
+
+qsd_wait() {
+    local status=0
+    if [ -n "$QSD_PID" ]; then
+        wait "$QSD_PID" || status=$?
+        QSD_PID=
+    fi
+    _qsd_drop_connection
+    return "$status"
+}
+
+qsd_stop() {
+    if [ -n "$QSD_PID" ]; then
+        kill -TERM "$QSD_PID" 2>/dev/null
+    fi
+    qsd_wait
+}

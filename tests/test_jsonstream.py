@@ -1,0 +1,203 @@
+"""QMP input parser: QEMU's texts, recovery points and robustness.
+
+Lexer behaviour and recovery points were checked against Debian's qemu-storage-daemon
+7.2; the error texts are QEMU 11.1's (push parser, with location), see the module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qsd.errors import QMPError
+from qsd.qmp.jsonstream import JSONParseError, JSONStreamParser, parse_json_text
+
+
+def feed_all(*chunks: bytes) -> list[object]:
+    parser = JSONStreamParser()
+    out: list[object] = []
+    for chunk in chunks:
+        out += parser.feed(chunk)
+    return out
+
+
+def err(line: int, col: int, what: str) -> JSONParseError:
+    return JSONParseError(f"JSON parse error at line {line}, column {col}, {what}")
+
+
+def test_values_and_single_quotes() -> None:
+    assert feed_all(b"{'execute': 'x', \"id\": 'it\\'s \"q\"'}\n") == [
+        {"execute": "x", "id": "it's \"q\""}]
+    assert feed_all(b'[1, -0, 2.5e3, true, false, null, "a\\/\\b\\f\\n\\r\\t"]') == [
+        [1, 0, 2500.0, True, False, None, "a/\b\f\n\r\t"]]
+
+
+def test_value_split_over_packets_and_lines() -> None:
+    msg = b'{"execute":\n "query-version",\r\n\t"arguments": {"a": [12345, "x\\"y"]}}'
+    for size in (1, 2, 3, 7):
+        chunks = [msg[i:i + size] for i in range(0, len(msg), size)]
+        assert feed_all(*chunks) == [
+            {"execute": "query-version", "arguments": {"a": [12345, 'x"y']}}]
+
+
+def test_number_or_keyword_needs_lookahead() -> None:
+    parser = JSONStreamParser()
+    assert parser.feed(b"123") == []
+    assert parser.feed(b"4 tru") == [1234]
+    assert parser.feed(b"e\n") == [True]
+
+
+def test_big_integers() -> None:
+    (value,) = feed_all(b'[123456789012345678901234567890, 18446744073709551615, '
+                        b'-9223372036854775808, -9223372036854775809]')
+    assert value == [1.2345678901234568e29, 18446744073709551615,
+                     -9223372036854775808, -9.223372036854776e18]
+    assert isinstance(value, list) and isinstance(value[0], float)
+
+
+def test_errors_are_reported_at_once() -> None:
+    # QEMU 11.1's example: the error comes before the message is balanced.
+    parser = JSONStreamParser()
+    assert parser.feed(b"{'execute':foo\n") == [err(1, 12, "invalid keyword 'foo'")]
+    assert parser.feed(b"}") == []
+    assert parser.feed(b"{'execute':'x'}") == [{"execute": "x"}]
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b'{"a" 1}', [err(1, 6, "expecting ':'")]),
+    (b'{]', [err(1, 2, "expecting key")]),
+    (b'{"a": 1 "b": 2}', [err(1, 9, "expected ',' or '}'")]),
+    (b'[1 2]', [err(1, 4, "expected ',' or ']'")]),
+    (b'[1,]', [err(1, 4, "expecting value")]),
+    (b'{"a":1,"a":2}', [err(1, 12, "duplicate key")]),
+    (b'nonsense\n', [err(1, 1, "invalid keyword 'nonsense'")]),
+    (b'"\\u12"\n', [err(1, 1, '\\u12" is not a valid Unicode character')]),
+    (b'"\\ud800"', [err(1, 1, "\\ud800 is not a valid Unicode character")]),
+    (b'"\\udc00"', [err(1, 1, "\\udc00 is not a valid Unicode character")]),
+    (b'"\\ud800\\u0041"', [err(1, 1, "\\ud800 is not a valid Unicode character")]),
+    (b'"\\uffff"', [err(1, 1, "\\uffff is not a valid Unicode character")]),
+    (b'"\\ufdd0"', [err(1, 1, "\\ufdd0 is not a valid Unicode character")]),
+    (b'"\xef\xbf\xbf"', [err(1, 1, "invalid UTF-8 sequence in string")]),
+    (b'"\xed\xa0\x80"', [err(1, 1, "invalid UTF-8 sequence in string")]),
+    (b'"\xf4\x90\x80\x80"', [err(1, 1, "invalid UTF-8 sequence in string")]),
+    (b'"\\x"', [err(1, 1, "invalid escape sequence in string")]),
+    (b'0123\n', [err(1, 1, "stray '01'")]),
+    (b'-\n', [err(1, 1, "stray '-\n'")]),
+    (b'1.5e\n', [err(1, 1, "stray '1.5e\n'")]),
+    (b'%p\n', [err(1, 1, "stray '%'")]),
+    (b'"abc\n', [err(1, 1, "stray '\"abc\n'")]),
+])
+def test_error_texts(data: bytes, expected: list[object]) -> None:
+    assert feed_all(data) == expected
+
+
+def test_modified_utf8_and_pairs() -> None:
+    assert feed_all(b'["\xc0\x80", "\\u0000", "\\ud800\\udc00", "\xc3\xa9"]') == [
+        ["\x00", "\x00", "\U00010000", "\u00e9"]]
+
+
+def test_recovery_after_lexical_error() -> None:
+    # 7.2 and 11.1: 0xFF ends the message; the monitor stays usable (qtest qmp-test).
+    assert feed_all(b'{\xff', b'{"execute":"x"}') == [
+        err(1, 2, "stray '\ufffd'"), {"execute": "x"}]
+    # Error skipping stops at a control character, which is an error of its own.
+    assert feed_all(b"%a\x01\n{}") == [err(1, 1, "stray '%'"), err(1, 4, "stray '\x01'"), {}]
+    # ...and at structural characters, which are lexed again (a lone '}' or ',').
+    assert feed_all(b'["a"\x01,2]\n') == [
+        err(1, 5, "stray '\x01'"), err(1, 7, "expecting value"), 2,
+        err(1, 9, "expecting value")]
+    # A newline consumed by the error itself does not end the skipping (7.2 too).
+    assert feed_all(b"-\n", b"1.\n", b"{}") == [err(1, 1, "stray '-\n'"), {}]
+
+
+def test_recovery_after_syntax_error_waits_for_balance() -> None:
+    parser = JSONStreamParser()
+    assert parser.feed(b'{"a": [1 2], "b": {"c": 1}') == [err(1, 10, "expected ',' or ']'")]
+    assert parser.feed(b'} {"d": 1}') == [{"d": 1}]
+    # A closer without an opener ends the message (qmp-test: '{]' then a command).
+    assert feed_all(b"{]\n", b"{'execute': 'no-such-cmd'}") == [
+        err(1, 2, "expecting key"), {"execute": "no-such-cmd"}]
+
+
+def test_location_counts_lines_of_the_connection() -> None:
+    parser = JSONStreamParser()
+    assert parser.feed(b"{}\n{}\n") == [{}, {}]
+    assert parser.feed(b'  {"a":\n  x}') == [err(4, 3, "invalid keyword 'x'")]
+
+
+def test_nesting_limit() -> None:
+    assert feed_all(b"[" * 1024 + b"]" * 1024) != []
+    out = feed_all(b"[" * 1025 + b"]" * 1025 + b"{}")
+    assert out == [JSONParseError("JSON nesting depth limit exceeded"), {}]
+
+
+def test_interpolation_not_allowed_inside_strings_either() -> None:
+    assert feed_all(b'"%s %%"') == ["%s %%"]
+
+
+def test_feed_eof() -> None:
+    parser = JSONStreamParser()
+    assert parser.feed(b"12") == []
+    assert parser.feed_eof() == [12]
+    parser = JSONStreamParser()
+    assert parser.feed(b'{"a": 1') == []
+    assert parser.feed_eof() == [err(1, 8, "premature end of input")]
+
+
+def test_parse_json_text() -> None:
+    assert parse_json_text('{"driver": "null-co"}') == {"driver": "null-co"}
+    for text, message in [("", "Expecting a JSON value"),
+                          ('{"a": 1} 2', "Expecting at most one JSON value"),
+                          ('{"a"', "JSON parse error at line 1, column 5, premature end of input")]:
+        with pytest.raises(QMPError) as info:
+            parse_json_text(text)
+        assert info.value.desc == message
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=20,
+)
+
+
+def _is_qemu_text(value: object) -> bool:
+    """No surrogates or noncharacters (QEMU rejects them) anywhere in the value."""
+    if isinstance(value, str):
+        return all(not (0xD800 <= ord(c) <= 0xDFFF or 0xFDD0 <= ord(c) <= 0xFDEF
+                        or (ord(c) & 0xFFFE) == 0xFFFE) for c in value)
+    if isinstance(value, list):
+        return all(_is_qemu_text(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_qemu_text(k) and _is_qemu_text(v) for k, v in value.items())
+    return True
+
+
+@settings(max_examples=200)
+@given(json_values, st.booleans(), st.integers(1, 9))
+def test_roundtrip_any_split(value: object, ascii_only: bool, size: int) -> None:
+    if not _is_qemu_text(value):
+        return
+    data = json.dumps(value, ensure_ascii=ascii_only).encode() + b"\n"
+    chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    assert feed_all(*chunks) == [value]
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary(max_size=20) | st.sampled_from(
+    [b"{", b"}", b"[", b"]", b'"', b"'", b"\\", b"\xff", b"\n", b"1e", b"-", b"true", b",", b":"]),
+    max_size=30))
+def test_garbage_never_raises(chunks: list[bytes]) -> None:
+    parser = JSONStreamParser()
+    for chunk in chunks:
+        for item in parser.feed(chunk):
+            assert isinstance(item, JSONParseError) or item is None or isinstance(
+                item, dict | list | str | int | float | bool)
+    parser.feed_eof()
+    # After garbage, a control character resynchronises the stream.
+    assert parser.feed(b"\x01\n{}")[-1] == {}
