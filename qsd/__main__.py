@@ -76,6 +76,7 @@ async def _run(cmdline: CommandLine, ready_fd: int | None) -> int:
                 _error(f"cannot create PID file: {exc.desc}")
                 return 1
             pidfile_written = True
+        daemon.start_monitors()
         if ready_fd is not None:
             os.write(ready_fd, b"\0")
             os.close(ready_fd)

@@ -81,10 +81,10 @@ class Chardev:
         """Acquires the underlying resource; errors are QMPErrors."""
 
     def attach(self, frontend: Frontend) -> None:
+        """Claims the chardev; serving starts with ``start`` once start-up is complete."""
         self.frontend = frontend
-        self._start()
 
-    def _start(self) -> None:
+    def start(self) -> None:
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -197,7 +197,7 @@ class SocketChardev(Chardev):
         sock, _ = await asyncio.get_running_loop().sock_accept(self.listener)
         return await self._wrap(sock)
 
-    def _start(self) -> None:
+    def start(self) -> None:
         self.task = asyncio.create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -240,7 +240,7 @@ class StdioChardev(Chardev):
     def filename(self) -> str:
         return "stdio"
 
-    def _start(self) -> None:
+    def start(self) -> None:
         self.task = asyncio.create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -263,7 +263,7 @@ class NullChardev(Chardev):
     def filename(self) -> str:
         return "null"
 
-    def _start(self) -> None:
+    def start(self) -> None:
         pass
 
     async def close(self) -> None:

@@ -28,6 +28,12 @@ class Daemon:
         self._shutdown_requested = asyncio.Event()
         self._shutdown_announced = False
 
+    def start_monitors(self) -> None:
+        """Like QEMU, monitors answer only once every command-line option was applied."""
+        for chardev in self.chardevs.values():
+            if chardev.frontend is not None:
+                chardev.start()
+
     def emit_event(self, name: str, data: dict[str, object] | None = None) -> None:
         message = event_message(name, data)
         for monitor in self.monitors:

@@ -8,10 +8,12 @@ failing test cannot leave a mount behind.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +23,28 @@ QSD = [sys.executable, "-m", "qsd"]
 def fuse_mounts() -> set[str]:
     with open("/proc/mounts") as mounts:
         return {line.split()[1] for line in mounts if line.split()[2].startswith("fuse")}
+
+
+def is_listening(path: Path) -> bool:
+    """Whether a unix socket at ``path`` accepts connections (flag __SO_ACCEPTCON)."""
+    with open("/proc/net/unix") as table:
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
+def wait_for_listener(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0
+                      ) -> None:
+    deadline = time.monotonic() + timeout
+    while not is_listening(path):
+        if proc.poll() is not None:
+            raise RuntimeError(f"qsd exited with {proc.returncode}: "
+                               f"{proc.stderr.read().decode() if proc.stderr else ''}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} is not listening")
+        time.sleep(0.01)
 
 
 def wait_for_path(path: Path, proc: subprocess.Popen[bytes] | None = None,
@@ -41,7 +65,9 @@ class Qsd:
     def __init__(self, workdir: Path, args: list[str], monitor: bool = True,
                  pretty: bool = False) -> None:
         self.workdir = workdir
-        self.qmp_path = workdir / f"qmp-{os.getpid()}-{id(self)}.sock"
+        # Unix socket paths are limited to 108 bytes; pytest's tmp paths can be longer.
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="qsd-", dir="/tmp"))
+        self.qmp_path = self.sock_dir / "qmp.sock"
         monitor_args = []
         if monitor:
             monitor_args = ["--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
@@ -52,7 +78,7 @@ class Qsd:
         self.proc = subprocess.Popen(QSD + monitor_args + args, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=workdir)
         if monitor:
-            wait_for_path(self.qmp_path, self.proc)
+            wait_for_listener(self.qmp_path, self.proc)
 
     @property
     def pid(self) -> int:
@@ -73,8 +99,9 @@ class Qsd:
                 self.proc.kill()
                 self.proc.wait()
         for mount in fuse_mounts() - self.mounts_before:
-            if mount.startswith(str(self.workdir)):
+            if mount.startswith((str(self.workdir), str(self.sock_dir))):
                 subprocess.run(["umount", "-l", mount], check=False)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
         if self.proc.stdout is not None and not self.proc.stdout.closed:
             self.stdout = self.proc.stdout.read()
             self.proc.stdout.close()

@@ -42,7 +42,8 @@ def test_help_and_version() -> None:
      "qsd: --blockdev {\"driver\":\"null-co\",\"size\":\"x\"}: "
      "Invalid parameter type for 'size', expected: integer"),
     (["--blockdev", '{"driver":"null-co",'],
-     "qsd: --blockdev {\"driver\":\"null-co\",: JSON parse error, premature EOI"),
+     "qsd: --blockdev {\"driver\":\"null-co\",: "
+     "JSON parse error at line 1, column 21, premature end of input"),
     (["--object", "iothread,id=a", "--object", "iothread,id=a"],
      "qsd: --object iothread,id=a: attempt to add duplicate property 'a' to object "
      "(type 'container')"),
@@ -56,7 +57,7 @@ def test_errors_name_the_option(args: list[str], message: str) -> None:
 
 def test_keyval_and_json_forms_build_the_same_node(start_qsd: QsdFactory) -> None:
     daemon = start_qsd(
-        "--blockdev", "null-co,node-name=kv,size=64M,read-zeroes=on",
+        "--blockdev", "null-co,node-name=kv,size=67108864,read-zeroes=on",
         "--blockdev", '{"driver": "null-co", "node-name": "js", "size": 67108864, '
                       '"read-zeroes": true}',
         "--object", "iothread,id=io0,poll-max-ns=0",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from tests.conftest import QsdFactory
 from tests.harness import RawMonitor
@@ -29,11 +29,12 @@ async def test_qmpclient_commands_and_events(start_qsd: QsdFactory, tmp_path: Pa
         assert version["qemu"] == {"major": 11, "minor": 1, "micro": 0}
         with pytest.raises(ExecuteError) as info:
             await client.execute("block-export-del", {"id": "missing"})
-        assert info.value.error.class_ == "GenericError"
-        assert info.value.error.desc == "Export 'missing' is not found"
+        assert info.value.error.error.class_ == "GenericError"
+        assert info.value.error.error.desc == "Export 'missing' is not found"
         await client.execute("block-export-add",
                              {"type": "nbd", "id": "e0", "node-name": "n0"})
-        with client.listen() as listener:
+        listener = EventListener()
+        with client.listen(listener):
             assert await client.execute("block-export-del", {"id": "e0"}) == {}
             event = await asyncio.wait_for(listener.get(), 10)
         assert event["event"] == "BLOCK_EXPORT_DELETED"
