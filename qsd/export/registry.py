@@ -58,8 +58,7 @@ class ExportRegistry:
         contexts = await self._contexts(opts, driver, node)
 
         perm = PERM_CONSISTENT_READ | (PERM_WRITE if writable else 0) | driver.extra_perm(opts)
-        blk = BlockBackend(graph, node, perm=perm, shared=PERM_ALL,
-                           owner=f"block export '{opts.id}'")
+        blk = BlockBackend(graph, node, perm=perm, shared=PERM_ALL)
         blk.set_writethrough(bool(opts.writethrough))
         try:
             exp = await driver.create(self.daemon, opts, blk, contexts)
@@ -121,7 +120,8 @@ class ExportRegistry:
         try:
             await exp.shutdown()
         finally:
-            exp.blk.detach()
+            # The event promises the node is free again (locks included), so wait for it.
+            await exp.blk.detach()
             self.exports.remove(exp)
             self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": exp.id})
 
