@@ -7,7 +7,6 @@ failing test cannot leave a mount behind.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
