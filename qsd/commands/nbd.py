@@ -1,0 +1,92 @@
+"""nbd-server-start/-stop, the deprecated nbd-server-add/-remove, and ``--nbd-server``.
+
+Texts and order of checks are QEMU's ``blockdev-nbd.c``: the listener opens before the
+TLS credentials are looked up, and stopping the server first deletes every NBD export.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qsd import qapi
+from qsd.commands.registry import command
+from qsd.errors import QMPError
+from qsd.nbd.protocol import NBD_DEFAULT_HANDSHAKE_MAX_SECS, NBD_DEFAULT_MAX_CONNECTIONS
+from qsd.nbd.server import NbdServer
+
+if TYPE_CHECKING:
+    from qsd.daemon import Daemon
+
+
+def _tls_error(daemon: Daemon, creds_id: str) -> QMPError:
+    """What QEMU's nbd_get_tls_creds() says; qsd has no TLS credential objects yet."""
+    if creds_id in daemon.iothreads:
+        return QMPError(f"Object with id '{creds_id}' is not TLS credentials")
+    return QMPError(f"No TLS credentials with id '{creds_id}'")
+
+
+async def _start(daemon: Daemon, addr: dict[str, Any], args: Any) -> None:
+    if daemon.nbd_server is not None:
+        raise QMPError("NBD server already running")
+    max_connections = args.max_connections
+    handshake = args.handshake_max_seconds
+    server = NbdServer(
+        addr,
+        NBD_DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections,
+        NBD_DEFAULT_HANDSHAKE_MAX_SECS if handshake is None else handshake)
+    if args.tls_creds is not None:
+        await server.stop()
+        raise _tls_error(daemon, args.tls_creds)
+    daemon.nbd_server = server
+
+
+async def nbd_server_start_options(daemon: Daemon, opts: Any) -> None:
+    """``--nbd-server``: the same as nbd-server-start with a flat SocketAddress."""
+    await _start(daemon, qapi.to_wire(opts.addr), opts)
+
+
+@command("nbd-server-start")
+async def nbd_server_start(daemon: Daemon, args: Any) -> None:
+    legacy = qapi.to_wire(args.addr)
+    addr = {"type": legacy["type"], **legacy.get("data", {})}
+    await _start(daemon, addr, args)
+
+
+@command("nbd-server-stop")
+async def nbd_server_stop(daemon: Daemon, args: None) -> None:
+    server = daemon.nbd_server
+    if server is None:
+        raise QMPError("NBD server not running")
+    await daemon.exports.close_all("nbd")
+    await server.stop()
+    daemon.nbd_server = None
+
+
+@command("nbd-server-add")
+async def nbd_server_add(daemon: Daemon, args: Any) -> None:
+    node = daemon.graph.find_node(args.device)
+    if node is None:
+        raise QMPError(f"Cannot find device='{args.device}' nor node-name='{args.device}'")
+    name = args.device if args.name is None else args.name
+    opts: dict[str, Any] = {
+        "type": "nbd",
+        "id": name,
+        "node-name": args.device,
+        "name": name,
+        # nbd-server-add quietly downgrades a read-only node instead of failing.
+        "writable": bool(args.writable) and not node.read_only,
+    }
+    if args.description is not None:
+        opts["description"] = args.description
+    if args.bitmap is not None:
+        opts["bitmaps"] = [args.bitmap]
+    await daemon.exports.add(qapi.parse_type("BlockExportOptions", opts))
+
+
+@command("nbd-server-remove")
+async def nbd_server_remove(daemon: Daemon, args: Any) -> None:
+    exp = daemon.exports.find(args.name)
+    if exp is not None and exp.type != "nbd":
+        raise QMPError(f"Block export '{args.name}' is not an NBD export")
+    mode = getattr(args.mode, "value", args.mode) or "safe"
+    await daemon.exports.delete(args.name, mode)

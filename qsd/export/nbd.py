@@ -1,0 +1,95 @@
+"""``block-export-add type=nbd``: QEMU's ``nbd_export_create()`` checks and flags.
+
+The serving itself is the NBD server's (``qsd.nbd``); this driver validates the NBD
+options, registers the export under its NBD name and takes it away again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qsd.block.permissions import PERM_RESIZE
+from qsd.errors import QMPError
+from qsd.export.base import BlockExport
+from qsd.nbd.protocol import (
+    BDRV_SECTOR_SIZE,
+    NBD_FLAG_CAN_MULTI_CONN,
+    NBD_FLAG_HAS_FLAGS,
+    NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_CACHE,
+    NBD_FLAG_SEND_FAST_ZERO,
+    NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA,
+    NBD_FLAG_SEND_TRIM,
+    NBD_FLAG_SEND_WRITE_ZEROES,
+    NBD_MAX_STRING_SIZE,
+)
+from qsd.nbd.server import NbdServer, ServedExport
+
+if TYPE_CHECKING:
+    from qsd.aio import AioContext
+    from qsd.block.backend import BlockBackend
+    from qsd.daemon import Daemon
+
+
+def _missing_bitmap(item: Any) -> QMPError:
+    """qsd has no dirty bitmaps yet, so every named bitmap is one QEMU would not find."""
+    if isinstance(item, str):
+        return QMPError(f"Bitmap '{item}' is not found")
+    return QMPError(f"Dirty bitmap '{item.name}' not found")
+
+
+class NbdExport(BlockExport):
+    type: ClassVar[str] = "nbd"
+    supports_multithread: ClassVar[bool] = False
+
+    def __init__(self, daemon: Daemon, export_id: str, node_name: str, blk: BlockBackend,
+                 contexts: list[AioContext], server: NbdServer, served: ServedExport) -> None:
+        super().__init__(daemon, export_id, node_name, blk, contexts)
+        self.server = server
+        self.served = served
+
+    @classmethod
+    async def create(cls, daemon: Daemon, opts: Any, blk: BlockBackend,
+                     contexts: list[AioContext]) -> BlockExport:
+        server = daemon.nbd_server
+        if not isinstance(server, NbdServer):
+            raise QMPError("NBD server not running")
+        name: str = opts.name if opts.name is not None else opts.node_name
+        if len(name.encode()) > NBD_MAX_STRING_SIZE:
+            raise QMPError(f"export name '{name}' too long")
+        description: str | None = opts.description
+        if description is not None and len(description.encode()) > NBD_MAX_STRING_SIZE:
+            raise QMPError(f"description '{description}' too long")
+        if name in server.exports:
+            raise QMPError(f"NBD server already has export named '{name}'")
+        try:
+            size = blk.length()
+        except OSError as exc:
+            raise QMPError(f"Failed to determine the NBD export's length: {exc.strerror}"
+                           ) from None
+        flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_CACHE
+        if server.can_multi_conn():
+            flags |= NBD_FLAG_CAN_MULTI_CONN
+        if opts.writable:
+            flags |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO
+        else:
+            flags |= NBD_FLAG_READ_ONLY
+        # Resizing under connected clients would break their idea of the size.
+        blk.set_perm(blk.perm, blk.shared & ~PERM_RESIZE)
+        if opts.bitmaps:
+            raise _missing_bitmap(opts.bitmaps[0])
+        served = ServedExport(name, description, size - size % BDRV_SECTOR_SIZE, flags,
+                              bool(opts.allocation_depth), blk, contexts[0])
+        blk.set_dev_ops(served.drained_begin, served.drained_end, served.drained_poll)
+        server.exports[name] = served
+        return cls(daemon, opts.id, opts.node_name, blk, contexts, server, served)
+
+    def in_use(self) -> bool:
+        return self.served.in_use()
+
+    async def shutdown(self) -> None:
+        """Hides the name from new clients at once, then drops the connected ones."""
+        if self.server.exports.get(self.served.name) is self.served:
+            del self.server.exports[self.served.name]
+        await self.served.close()

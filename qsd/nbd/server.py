@@ -1,0 +1,313 @@
+"""The NBD server: listening sockets, connection limit, handshake, hand-off to exports.
+
+Like QEMU's ``blockdev-nbd.c`` there is one server per daemon. Accepting and the option
+phase run on the main loop; a client that reaches the transmission phase moves to its
+export's AioContext, where ``transmission.NbdClient`` serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qsd.errors import QMPError
+from qsd.nbd.handshake import Negotiated, Negotiation, NegotiationError
+from qsd.nbd.transmission import NbdClient, report
+
+if TYPE_CHECKING:
+    from qsd.aio import AioContext
+
+
+class ServedExport:
+    """What the NBD server knows of one export: its handshake data, backend and clients.
+
+    The export driver (``qsd.export.nbd``) creates it and registers it by name; the
+    drain hooks here are what it installs with ``blk.set_dev_ops``.
+    """
+
+    def __init__(self, name: str, description: str | None, size: int, nbdflags: int,
+                 allocation_depth: bool, blk: Any, ctx: AioContext) -> None:
+        self.name = name
+        self.description = description
+        self.size = size
+        self.nbdflags = nbdflags
+        self.allocation_depth = allocation_depth
+        self.blk = blk
+        self.ctx = ctx
+        self.closed = False
+        # Touched from the export's loop (attach) and the main loop (everything else).
+        self._lock = threading.Lock()
+        self._clients: list[NbdClient] = []
+        self._pending = 0  # negotiated, on their way to the export's context
+
+    def clients(self) -> list[NbdClient]:
+        with self._lock:
+            return list(self._clients)
+
+    def in_use(self) -> bool:
+        with self._lock:
+            return bool(self._clients) or self._pending > 0
+
+    def reserve(self) -> bool:
+        """Counts a just-negotiated client as a user; False if the export is closing."""
+        with self._lock:
+            if self.closed:
+                return False
+            self._pending += 1
+            return True
+
+    def drained_begin(self) -> None:
+        for client in self.clients():
+            client.quiesce()
+
+    def drained_end(self) -> None:
+        for client in self.clients():
+            client.unquiesce()
+
+    def drained_poll(self) -> bool:
+        return any(client.inflight for client in self.clients())
+
+    async def attach(self, sock: socket.socket, negotiated: Negotiated,
+                     on_finished: Callable[[NbdClient], None]) -> None:
+        """Runs in the export's context: starts serving a negotiated client there."""
+        loop = asyncio.get_running_loop()
+        client = NbdClient(self, negotiated.mode, negotiated.contexts, on_finished)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: client, sock)
+        except BaseException:
+            with self._lock:
+                self._pending -= 1
+            sock.close()
+            on_finished(client)
+            raise
+        with self._lock:
+            self._pending -= 1
+            if not self.closed:
+                self._clients.append(client)
+                return
+        transport.abort()
+
+    def forget(self, client: NbdClient) -> None:
+        with self._lock:
+            if client in self._clients:
+                self._clients.remove(client)
+
+    async def close(self) -> None:
+        """Drops every client (QEMU's client_close) and waits until their requests end."""
+        with self._lock:
+            self.closed = True
+            clients = list(self._clients)
+        if clients:
+            await self.ctx.call(_abort_all(clients))
+
+
+async def _abort_all(clients: list[NbdClient]) -> None:
+    for client in clients:
+        client.abort()
+    await asyncio.gather(*(client.finished for client in clients))
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _listen_unix(addr: dict[str, Any]) -> socket.socket:
+    path = str(addr.get("path", ""))
+    abstract = bool(addr.get("abstract", False))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        bind_to: str | bytes
+        if abstract:
+            raw = b"\0" + path.encode()
+            bind_to = raw if addr.get("tight", True) else raw.ljust(108, b"\0")
+        else:
+            bind_to = path
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise QMPError(f"Failed to unlink socket {path}: {exc.strerror}") from None
+        try:
+            sock.bind(bind_to)
+        except OSError as exc:
+            raise QMPError(f"Failed to bind socket to {path}: {exc.strerror}") from None
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _listen_inet(addr: dict[str, Any]) -> list[socket.socket]:
+    host = str(addr.get("host", ""))
+    port = str(addr.get("port", ""))
+    family = socket.AF_UNSPEC
+    if addr.get("ipv4") and not addr.get("ipv6"):
+        family = socket.AF_INET
+    elif addr.get("ipv6") and not addr.get("ipv4"):
+        family = socket.AF_INET6
+    try:
+        infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise QMPError(f"address resolution failed for {host}:{port}: {exc.strerror}") from None
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for fam, stype, proto, _, sockaddr in infos:
+            if (fam, sockaddr) in seen:
+                continue
+            seen.add((fam, sockaddr))
+            sock = socket.socket(fam, stype, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                raise QMPError(f"Failed to find an available port: {exc.strerror}") from None
+            sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _listen_fd(addr: dict[str, Any]) -> socket.socket:
+    text = str(addr.get("str", ""))
+    if not text.isdigit():
+        raise QMPError(f"File descriptor named '{text}' not found")
+    fd = int(text)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise QMPError(f"File descriptor '{text}' is not valid: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise QMPError(f"File descriptor '{text}' is not a socket")
+    return socket.socket(fileno=fd)
+
+
+def open_listeners(addr: dict[str, Any]) -> list[socket.socket]:
+    """Listening sockets for a flat SocketAddress (QEMU's qio_net_listener_open_sync)."""
+    kind = addr.get("type")
+    if kind == "unix":
+        socks = [_listen_unix(addr)]
+    elif kind == "inet":
+        socks = _listen_inet(addr)
+    elif kind == "fd":
+        socks = [_listen_fd(addr)]
+    else:
+        raise QMPError(f"Unsupported socket address type '{kind}'")
+    for sock in socks:
+        sock.setblocking(False)
+    return socks
+
+
+class NbdServer:
+    """The daemon's NBD server (``daemon.nbd_server``)."""
+
+    def __init__(self, addr: dict[str, Any], max_connections: int,
+                 handshake_max_seconds: int) -> None:
+        self.max_connections = max_connections
+        self.handshake_max_seconds = handshake_max_seconds
+        self.exports: dict[str, ServedExport] = {}
+        self._sockets = open_listeners(addr)
+        self._unlink = (str(addr["path"]) if addr.get("type") == "unix"
+                        and not addr.get("abstract") else None)
+        self._loop = asyncio.get_running_loop()
+        self._connections = 0
+        self._slot_free = asyncio.Event()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._acceptors = [self._loop.create_task(self._accept_loop(sock))
+                           for sock in self._sockets]
+
+    def can_multi_conn(self) -> bool:
+        """QEMU advertises multi-conn unless the server allows a single connection."""
+        return self.max_connections != 1
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            while self.max_connections and self._connections >= self.max_connections:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+            try:
+                sock, _ = await self._loop.sock_accept(listener)
+            except OSError as exc:
+                report(f"NBD server failed to accept a connection: {exc.strerror}")
+                await asyncio.sleep(0.1)
+                continue
+            self._connections += 1
+            task = self._loop.create_task(self._serve(sock))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _connection_closed(self) -> None:
+        self._connections -= 1
+        self._slot_free.set()
+
+    async def _serve(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        negotiated: Negotiated | None = None
+        attaching = False
+        timer = None
+        if self.handshake_max_seconds:
+            # Like QEMU's handshake timer: shutting the socket down fails the negotiation.
+            timer = self._loop.call_later(self.handshake_max_seconds, _shutdown, sock)
+        try:
+            try:
+                negotiated = await Negotiation(sock, self.exports).run()
+            except NegotiationError as exc:
+                report(f"option negotiation failed: {exc}")
+            except OSError as exc:
+                report(f"option negotiation failed: {exc.strerror or exc}")
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            # No await between the final reply and reserve(): a QMP command cannot see
+            # a client that has its export but does not count as using it.
+            if negotiated is None or not negotiated.export.reserve():
+                sock.close()
+                self._connection_closed()
+                return
+            export = negotiated.export
+            main = asyncio.get_running_loop()
+
+            def finished(client: NbdClient) -> None:
+                main.call_soon_threadsafe(self._client_finished, export, client)
+
+            attaching = True
+            await export.ctx.call(export.attach(sock, negotiated, finished))
+        except asyncio.CancelledError:
+            if not attaching:  # once attached, the client's own close accounts for it
+                sock.close()
+                self._connection_closed()
+            raise
+
+    def _client_finished(self, export: ServedExport, client: NbdClient) -> None:
+        export.forget(client)
+        self._connection_closed()
+
+    async def stop(self) -> None:
+        """Closes the listeners and drops connections still negotiating."""
+        for task in self._acceptors:
+            task.cancel()
+        for sock in self._sockets:
+            sock.close()
+        if self._unlink is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._unlink)
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(*self._acceptors, *self._handshakes, return_exceptions=True)
