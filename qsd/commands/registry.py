@@ -40,9 +40,5 @@ def command(name: str) -> Callable[[H], H]:
 
 def load_all() -> dict[str, Handler]:
     for module in COMMAND_MODULES:
-        try:
-            importlib.import_module(f"qsd.commands.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"qsd.commands.{module}":
-                raise
+        importlib.import_module(f"qsd.commands.{module}")
     return HANDLERS
