@@ -3,13 +3,22 @@
 # One daemon per test:
 #   qsd_start [qsd options...]   start $QSD_PROG in the background with a QMP monitor on
 #                                $SOCK_DIR/qsd-qmp.sock; $QSD_PID is its PID.  If the
-#                                daemon exits instead, the test ends (status 1).
+#                                daemon exits instead, the test ends (status 1).  With
+#                                QSD_NEGOTIATE=0 the test sends qmp_capabilities itself.
 #   qmp_cmd '<json>'             send one command, print the reply line
 #   qmp_wait_event NAME [SECS]   print the next NAME event not yet waited for
+#   qmp_send '<json>' PATTERN    like QEMU's _send_qemu_cmd: echo the command as written,
+#                                send it (none if empty), then print every message from
+#                                the daemon, replies and events in arrival order, up to
+#                                and including the first one containing PATTERN.  Its
+#                                cursor lives in a file, so it works inside a pipeline
+#                                (qmp_send ... | sed ...); it is separate from the cursors
+#                                of qmp_cmd/qmp_wait_event: use one style per daemon.
 #   qsd_stop                     SIGTERM the daemon by PID, wait, drop the connection
 #   qsd_wait                     wait for a daemon that exits by itself (e.g. 'quit')
 # The QMP connection is iotests.py's relay: commands go through a fifo, replies and
-# events land in $SOCK_DIR/qsd-replies / qsd-events, which the functions poll.
+# events land in $SOCK_DIR/qsd-replies / qsd-events (and all of them in qsd-all), which
+# the functions poll.
 
 QSD_PID=
 QSD_RELAY_PID=
@@ -24,11 +33,13 @@ _qsd_lines() {
 
 qsd_start() {
     local sock="$SOCK_DIR/qsd-qmp.sock" fifo="$SOCK_DIR/qsd-qmp.in" i
-    rm -f "$sock" "$fifo" "$SOCK_DIR/qsd-replies" "$SOCK_DIR/qsd-events"
+    rm -f "$sock" "$fifo" "$SOCK_DIR/qsd-replies" "$SOCK_DIR/qsd-events" "$SOCK_DIR/qsd-all"
     : > "$SOCK_DIR/qsd-replies"
     : > "$SOCK_DIR/qsd-events"
+    : > "$SOCK_DIR/qsd-all"
     QSD_REPLY_LINE=0
     QSD_EVENT_LINE=0
+    echo 0 > "$SOCK_DIR/qsd-all.pos"
     # shellcheck disable=SC2086  # QSD_PROG may be "python -m qsd"
     $QSD_PROG "$@" --chardev "socket,id=qmp-mon,path=$sock,server=on,wait=off" \
         --monitor qmp-mon &
@@ -43,8 +54,12 @@ qsd_start() {
         sleep 0.02
     done
     mkfifo "$fifo"
-    "$PYTHON" "$IOTESTS_DIR/iotests.py" qmp-relay "$sock" "$fifo" \
-        "$SOCK_DIR/qsd-replies" "$SOCK_DIR/qsd-events" &
+    local negotiate=()
+    if [ "${QSD_NEGOTIATE:-1}" = 0 ]; then
+        negotiate=(--no-negotiate)
+    fi
+    "$PYTHON" "$IOTESTS_DIR/iotests.py" qmp-relay "${negotiate[@]}" "$sock" "$fifo" \
+        "$SOCK_DIR/qsd-replies" "$SOCK_DIR/qsd-events" "$SOCK_DIR/qsd-all" &
     QSD_RELAY_PID=$!
     exec {QSD_QMP_FD}>"$fifo"
 }
@@ -88,6 +103,35 @@ qmp_wait_event() {
         fi
     done
     echo "qmp_wait_event: no $name event"
+    return 1
+}
+
+qmp_send() {
+    local cmd=$1 pattern=$2 line pos
+    if [ -n "$cmd" ]; then
+        printf '%s\n' "$cmd"
+    fi
+    if [ -z "$QSD_QMP_FD" ]; then
+        echo "qmp_send: qsd is not running"
+        return 1
+    fi
+    if [ -n "$cmd" ]; then
+        printf '%s\n' "$cmd" >&"$QSD_QMP_FD"
+    fi
+    pos=$(< "$SOCK_DIR/qsd-all.pos")
+    while line=$(_qsd_next_line "$SOCK_DIR/qsd-all" "$pos" "$QSD_TIMEOUT"); do
+        pos=$((pos + 1))
+        echo "$pos" > "$SOCK_DIR/qsd-all.pos"
+        printf '%s\n' "$line"
+        if [[ $line == *"$pattern"* ]]; then
+            return 0
+        fi
+        # An unexpected error reply ends the wait (the output shows the difference)
+        if [[ $line == *'"error": {"class"'* && $line != *'"event": '* ]]; then
+            return 1
+        fi
+    done
+    echo "qmp_send: timeout waiting for $pattern"
     return 1
 }
 

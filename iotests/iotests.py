@@ -11,15 +11,18 @@ A test does::
 command keeps ``execute`` before ``arguments``), so reference outputs look like QEMU's.
 The daemon's own stdout/stderr go to the test's output, which ``check`` compares.
 
-Run as ``python iotests.py qmp-relay SOCKET IN_FIFO REPLIES EVENTS`` it is the QMP
-connection behind ``common.sh``: commands from the fifo go to the daemon, replies and
-events are appended (one JSON line each) to two files the shell functions poll.
+Run as ``python iotests.py qmp-relay [--no-negotiate] SOCKET IN_FIFO REPLIES EVENTS ALL``
+it is the QMP connection behind ``common.sh``: commands from the fifo go to the daemon,
+replies and events are appended (one JSON line each) to two files the shell functions
+poll, and every message also to ALL, in the order the daemon sent them.  It negotiates
+capabilities itself unless told not to (then the test sends ``qmp_capabilities``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shlex
 import signal
@@ -61,12 +64,96 @@ def filter_qmp_event(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def filter_testfiles(text: str) -> str:
+    """QEMU's filter_testfiles(): per-process scratch names become ``PID-``."""
+    pid = os.getpid()
+    return (text.replace(os.path.join(test_dir, f"{pid}-"), "TEST_DIR/PID-")
+            .replace(os.path.join(sock_dir, f"{pid}-"), "SOCK_DIR/PID-"))
+
+
+def filter_qmp_testfiles(msg: Any) -> Any:
+    """filter_testfiles() applied to every string in a QMP message."""
+    if isinstance(msg, str):
+        return filter_testfiles(msg)
+    if isinstance(msg, dict):
+        return {key: filter_qmp_testfiles(value) for key, value in msg.items()}
+    if isinstance(msg, list):
+        return [filter_qmp_testfiles(value) for value in msg]
+    return msg
+
+
+def filter_nbd_exports(text: str) -> str:
+    """QEMU's filter_nbd_exports(): block size limits of ``qemu-nbd -L`` become XXX."""
+    return re.sub(r"((min|opt|max) block): [0-9]+", r"\1: XXX", text)
+
+
 def _qmp_command(cmd: str, args: dict[str, Any]) -> str:
-    """``{"execute": ..., "arguments": ...}`` with execute first and arguments sorted."""
-    text = '{"execute": ' + json.dumps(cmd)
-    if args:
-        text += ', "arguments": ' + json.dumps(args, sort_keys=True)
-    return text + "}"
+    """QEMU's qmp_log() form: execute first, then arguments (always, sorted)."""
+    return ('{"execute": ' + json.dumps(cmd) + ', "arguments": '
+            + json.dumps(args, sort_keys=True) + "}")
+
+
+def _run_tool(argv: list[str]) -> str:
+    """Run a tool; its merged stdout and stderr."""
+    sys.stdout.flush()
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, check=False).stdout
+
+
+def qemu_img(*args: str) -> str:
+    """Run qemu-img; its output (not logged, like QEMU's qemu_img())."""
+    return _run_tool([qemu_img_prog, *args])
+
+
+def qemu_io_log(*args: str) -> str:
+    """Run qemu-io and log its output."""
+    output = _run_tool([qemu_io_prog, *args])
+    log(output)
+    return output
+
+
+def qemu_nbd_list_log(*args: str, filters: Iterable[Filter] = ()) -> str:
+    """``qemu-nbd -L ARGS``, logged with QEMU's filters (and any given)."""
+    output = _run_tool([qemu_nbd_prog, "-L", *args])
+    log(output, filters=[filter_testfiles, filter_nbd_exports, *filters])
+    return output
+
+
+class QemuIoInteractive:
+    """A qemu-io process driven command by command (QEMU's QemuIoInteractive)."""
+
+    PROMPT = "qemu-io> "
+
+    def __init__(self, *args: str) -> None:
+        sys.stdout.flush()
+        self._proc = subprocess.Popen([qemu_io_prog, *args], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+        greeting = self._read_to_prompt()
+        if greeting:
+            raise RuntimeError(f"qemu-io did not start: {greeting!r}")
+
+    def _read_to_prompt(self) -> str:
+        """Output up to the next prompt (without it); everything left at EOF."""
+        assert self._proc.stdout is not None
+        out = ""
+        while not out.endswith(self.PROMPT):
+            char = self._proc.stdout.read(1)
+            if not char:
+                return out
+            out += char
+        return out[:-len(self.PROMPT)]
+
+    def cmd(self, command: str) -> str:
+        """Run one command; its output."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(command + "\n")
+        self._proc.stdin.flush()
+        return self._read_to_prompt()
+
+    def close(self) -> None:
+        """Quit qemu-io and wait for it."""
+        self._proc.communicate("q\n")
 
 
 class QemuStorageDaemon:
@@ -112,8 +199,12 @@ class QemuStorageDaemon:
 
     def qmp_log(self, cmd: str, filters: Iterable[Filter] = (), indent: int | None = None,
                 **args: Any) -> dict[str, Any]:
-        """Log the command, run it, log the reply (QEMU's VM.qmp_log())."""
-        arguments = {key.replace("_", "-"): value for key, value in args.items()}
+        """Log the command, run it, log the reply (QEMU's VM.qmp_log()); the filters
+        apply to the command's arguments and to the reply."""
+        filters = list(filters)
+        arguments: Any = {key.replace("_", "-"): value for key, value in args.items()}
+        for flt in filters:
+            arguments = flt(arguments)
         log(_qmp_command(cmd, arguments))
         result = self.qmp(cmd, **args)
         log(result, filters, indent)
@@ -130,6 +221,12 @@ class QemuStorageDaemon:
             event = self.monitor.pull_event(wait=remaining)
             if event is not None and event.get("event") == name:
                 return dict(event)
+
+    def get_qmp_events_filtered(self, wait: bool | float = False) -> list[dict[str, Any]]:
+        """All pending events, timestamps filtered (QEMU's VM method); ``wait`` as in
+        ``QEMUMonitorProtocol.get_events()``."""
+        assert self.monitor is not None
+        return [filter_qmp_event(event) for event in self.monitor.get_events(wait)]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the daemon, wait for it, and return its exit status."""
@@ -156,7 +253,8 @@ class QemuStorageDaemon:
         self.stop()
 
 
-def qmp_relay(sock_path: str, in_fifo: str, replies: str, events: str) -> int:
+def qmp_relay(sock_path: str, in_fifo: str, replies: str, events: str, every: str,
+              negotiate: bool = True) -> int:
     """The shell helpers' QMP connection: fifo lines in, reply/event lines out.
 
     Negotiates capabilities first; exits when the fifo's writer closes it or the daemon
@@ -165,19 +263,21 @@ def qmp_relay(sock_path: str, in_fifo: str, replies: str, events: str) -> int:
     conn = socket.socket(socket.AF_UNIX)
     conn.connect(sock_path)
     pending = b""
-    handshake = 0  # the greeting, then the qmp_capabilities reply
-    while handshake < 2:
+    handshake = 0  # the greeting, then (when negotiating) the qmp_capabilities reply
+    handshake_lines = 2 if negotiate else 1
+    while handshake < handshake_lines:
         chunk = conn.recv(65536)
         if not chunk:
             return 1
         pending += chunk
-        while handshake < 2 and b"\n" in pending:
+        while handshake < handshake_lines and b"\n" in pending:
             _, pending = pending.split(b"\n", 1)
             handshake += 1
-            if handshake == 1:
+            if handshake == 1 and negotiate:
                 conn.sendall(b'{"execute": "qmp_capabilities"}\n')
     fifo = os.open(in_fifo, os.O_RDONLY)
-    with open(replies, "ab", buffering=0) as rep, open(events, "ab", buffering=0) as evt:
+    with open(replies, "ab", buffering=0) as rep, open(events, "ab", buffering=0) as evt, \
+            open(every, "ab", buffering=0) as allf:
         while True:
             ready, _, _ = select.select([fifo, conn.fileno()], [], [])
             if fifo in ready:
@@ -193,9 +293,16 @@ def qmp_relay(sock_path: str, in_fifo: str, replies: str, events: str) -> int:
                 for line in lines:
                     message = json.loads(line)
                     is_event = isinstance(message, dict) and "event" in message
-                    (evt if is_event else rep).write(line.rstrip(b"\r") + b"\n")
+                    line = line.rstrip(b"\r") + b"\n"
+                    (evt if is_event else rep).write(line)
+                    allf.write(line)
+
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "qmp-relay":
-        sys.exit(qmp_relay(*sys.argv[2:]))
-    sys.exit(f"usage: {sys.argv[0]} qmp-relay SOCKET IN_FIFO REPLIES EVENTS")
+    relay_args = sys.argv[2:]
+    no_negotiate = relay_args[:1] == ["--no-negotiate"]
+    if no_negotiate:
+        relay_args = relay_args[1:]
+    if len(relay_args) == 5 and sys.argv[1] == "qmp-relay":
+        sys.exit(qmp_relay(*relay_args, negotiate=not no_negotiate))
+    sys.exit(f"usage: {sys.argv[0]} qmp-relay [--no-negotiate] SOCKET IN_FIFO REPLIES EVENTS ALL")

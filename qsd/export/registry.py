@@ -59,6 +59,7 @@ class ExportRegistry:
 
         perm = PERM_CONSISTENT_READ | (PERM_WRITE if writable else 0) | driver.extra_perm(opts)
         blk = BlockBackend(graph, node, perm=perm, shared=PERM_ALL)
+        blk.set_allow_aio_context_change(not opts.fixed_iothread)
         blk.set_writethrough(bool(opts.writethrough))
         try:
             exp = await driver.create(self.daemon, opts, blk, contexts)
@@ -104,24 +105,29 @@ class ExportRegistry:
             raise QMPError(f"Export '{export_id}' is already shutting down")
         if mode == "safe" and exp.in_use():
             raise QMPError(f"export '{export_id}' still in use")
-        self._start_shutdown(exp)
+        await self._shut_down(exp)
 
-    def _start_shutdown(self, exp: BlockExport) -> asyncio.Task[None]:
-        """Marks the export as going away; its event follows once it is really gone."""
+    async def _shut_down(self, exp: BlockExport) -> None:
+        """Stops serving before the command returns, as QEMU's request_shutdown does.
+
+        A client cut off by ``mode=hard`` must see its next request fail even if it sends
+        it right after the reply.  Releasing the node and the event follow afterwards.
+        """
         exp.shutting_down = True
-        task = asyncio.get_running_loop().create_task(self._finish(exp))
-        self._deletions.add(task)
-        task.add_done_callback(self._deletions.discard)
-        return task
-
-    async def _finish(self, exp: BlockExport) -> None:
-        # Let the command's reply go out before the event, as QEMU's bottom half does.
-        await asyncio.sleep(0)
         try:
             await exp.shutdown()
         finally:
+            task = asyncio.get_running_loop().create_task(self._release(exp))
+            self._deletions.add(task)
+            task.add_done_callback(self._deletions.discard)
+
+    async def _release(self, exp: BlockExport) -> None:
+        # Let the command's reply go out before the event, as QEMU's bottom half does.
+        await asyncio.sleep(0)
+        try:
             # The event promises the node is free again (locks included), so wait for it.
             await exp.blk.detach()
+        finally:
             self.exports.remove(exp)
             self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": exp.id})
 
@@ -130,7 +136,7 @@ class ExportRegistry:
         for exp in list(reversed(self.exports)):
             if type_name is None or exp.type == type_name:
                 if not exp.shutting_down:
-                    self._start_shutdown(exp)
+                    await self._shut_down(exp)
                 await asyncio.gather(*self._deletions, return_exceptions=True)
         while self._deletions:
             await asyncio.gather(*self._deletions, return_exceptions=True)
