@@ -48,8 +48,6 @@ async def add_chardev(daemon: Daemon, chardev: Chardev) -> None:
 
 @command("chardev-add")
 async def chardev_add(daemon: Daemon, args: Any) -> None:
-    if args.id in daemon.chardevs:
-        raise QMPError(f"Chardev with id '{args.id}' already exists")
     await add_chardev(daemon, chardev_from_backend(args.id, args.backend))
 
 
