@@ -27,8 +27,12 @@ UNNAMED = "an unnamed block device"
 
 
 def _count_value(counter: itertools.count[int]) -> int:
-    """The next value an itertools.count would return, read without advancing it."""
-    return int(counter.__reduce__()[1][0])
+    """The next value an itertools.count would return, read without advancing it.
+
+    ``repr`` is the count's only public view of its state (``__reduce__`` is gone in 3.14);
+    the counters start at 0 with step 1, so the repr is always ``count(N)``.
+    """
+    return int(repr(counter)[6:-1])
 
 
 def _no_medium_read(offset: int, length: int) -> bytes | None:
