@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qsd.commands.registry import command
+from qsd.qapi.generated import BlockExportDelArgs, BlockExportOptions
 
 if TYPE_CHECKING:
     from qsd.daemon import Daemon
 
 
 @command("block-export-add")
-async def block_export_add(daemon: Daemon, args: Any) -> None:
+async def block_export_add(daemon: Daemon, args: BlockExportOptions) -> None:
     await daemon.exports.add(args)
 
 
 @command("block-export-del")
-async def block_export_del(daemon: Daemon, args: Any) -> None:
-    mode = getattr(args.mode, "value", args.mode) or "safe"
-    await daemon.exports.delete(args.id, mode)
+async def block_export_del(daemon: Daemon, args: BlockExportDelArgs) -> None:
+    await daemon.exports.delete(args.id, "safe" if args.mode is None else args.mode.value)
 
 
 @command("query-block-exports")

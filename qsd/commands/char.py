@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from qsd.chardev import Chardev, NullChardev, SocketChardev, SocketSpec, StdioChardev
 from qsd.commands.registry import command
 from qsd.errors import QMPError
+from qsd.qapi.generated import ChardevAddArgs, ChardevRemoveArgs
 
 if TYPE_CHECKING:
     from qsd.daemon import Daemon
@@ -47,12 +48,12 @@ async def add_chardev(daemon: Daemon, chardev: Chardev) -> None:
 
 
 @command("chardev-add")
-async def chardev_add(daemon: Daemon, args: Any) -> None:
+async def chardev_add(daemon: Daemon, args: ChardevAddArgs) -> None:
     await add_chardev(daemon, chardev_from_backend(args.id, args.backend))
 
 
 @command("chardev-remove")
-async def chardev_remove(daemon: Daemon, args: Any) -> None:
+async def chardev_remove(daemon: Daemon, args: ChardevRemoveArgs) -> None:
     chardev = daemon.chardevs.get(args.id)
     if chardev is None:
         raise QMPError(f"Chardev '{args.id}' not found")

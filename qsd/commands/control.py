@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import qsd
 from qsd import qapi
 from qsd.commands.registry import HANDLERS, command
+from qsd.qapi.generated import QmpCapabilitiesArgs
 from qsd.qmp.monitor import current_session
 
 if TYPE_CHECKING:
@@ -15,8 +16,8 @@ if TYPE_CHECKING:
 
 
 @command("qmp_capabilities")
-async def qmp_capabilities(daemon: Daemon, args: Any) -> None:
-    enable = [getattr(cap, "value", cap) for cap in (args.enable or [])] if args else []
+async def qmp_capabilities(daemon: Daemon, args: QmpCapabilitiesArgs) -> None:
+    enable = [cap.value for cap in args.enable or []]
     current_session.get().negotiate(enable)
 
 

@@ -13,6 +13,13 @@ from qsd.commands.registry import command
 from qsd.errors import QMPError
 from qsd.nbd.protocol import NBD_DEFAULT_HANDSHAKE_MAX_SECS, NBD_DEFAULT_MAX_CONNECTIONS
 from qsd.nbd.server import NbdServer
+from qsd.qapi.generated import (
+    NbdServerAddOptions,
+    NbdServerOptions,
+    NbdServerOptionsBase,
+    NbdServerRemoveArgs,
+    NbdServerStartArgs,
+)
 
 if TYPE_CHECKING:
     from qsd.daemon import Daemon
@@ -25,7 +32,7 @@ def _tls_error(daemon: Daemon, creds_id: str) -> QMPError:
     return QMPError(f"No TLS credentials with id '{creds_id}'")
 
 
-async def _start(daemon: Daemon, addr: dict[str, Any], args: Any) -> None:
+async def _start(daemon: Daemon, addr: dict[str, Any], args: NbdServerOptionsBase) -> None:
     if daemon.nbd_server is not None:
         raise QMPError("NBD server already running")
     max_connections = args.max_connections
@@ -40,13 +47,13 @@ async def _start(daemon: Daemon, addr: dict[str, Any], args: Any) -> None:
     daemon.nbd_server = server
 
 
-async def nbd_server_start_options(daemon: Daemon, opts: Any) -> None:
+async def nbd_server_start_options(daemon: Daemon, opts: NbdServerOptions) -> None:
     """``--nbd-server``: the same as nbd-server-start with a flat SocketAddress."""
     await _start(daemon, qapi.to_wire(opts.addr), opts)
 
 
 @command("nbd-server-start")
-async def nbd_server_start(daemon: Daemon, args: Any) -> None:
+async def nbd_server_start(daemon: Daemon, args: NbdServerStartArgs) -> None:
     legacy = qapi.to_wire(args.addr)
     addr = {"type": legacy["type"], **legacy.get("data", {})}
     await _start(daemon, addr, args)
@@ -63,7 +70,7 @@ async def nbd_server_stop(daemon: Daemon, args: None) -> None:
 
 
 @command("nbd-server-add")
-async def nbd_server_add(daemon: Daemon, args: Any) -> None:
+async def nbd_server_add(daemon: Daemon, args: NbdServerAddOptions) -> None:
     node = daemon.graph.find_node(args.device)
     if node is None:
         raise QMPError(f"Cannot find device='{args.device}' nor node-name='{args.device}'")
@@ -84,9 +91,8 @@ async def nbd_server_add(daemon: Daemon, args: Any) -> None:
 
 
 @command("nbd-server-remove")
-async def nbd_server_remove(daemon: Daemon, args: Any) -> None:
+async def nbd_server_remove(daemon: Daemon, args: NbdServerRemoveArgs) -> None:
     exp = daemon.exports.find(args.name)
     if exp is not None and exp.type != "nbd":
         raise QMPError(f"Block export '{args.name}' is not an NBD export")
-    mode = getattr(args.mode, "value", args.mode) or "safe"
-    await daemon.exports.delete(args.name, mode)
+    await daemon.exports.delete(args.name, "safe" if args.mode is None else args.mode.value)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qsd.commands.registry import command
 from qsd.errors import QMPError
 from qsd.iothread import IOThread
+from qsd.qapi.generated import ObjectDelArgs, ObjectOptions
 
 if TYPE_CHECKING:
     from qsd.daemon import Daemon
@@ -16,7 +17,7 @@ _IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 
 
 @command("object-add")
-async def object_add(daemon: Daemon, args: Any) -> None:
+async def object_add(daemon: Daemon, args: ObjectOptions) -> None:
     if not _IDENTIFIER.match(args.id):
         raise QMPError("Parameter 'id' expects an identifier")
     if args.id in daemon.iothreads:
@@ -26,7 +27,7 @@ async def object_add(daemon: Daemon, args: Any) -> None:
 
 
 @command("object-del")
-async def object_del(daemon: Daemon, args: Any) -> None:
+async def object_del(daemon: Daemon, args: ObjectDelArgs) -> None:
     iothread = daemon.iothreads.get(args.id)
     if iothread is None:
         raise QMPError(f"object '{args.id}' not found")
