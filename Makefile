@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEBIAN_PROGRAMS := fusermount3:fuse3 qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
-	fio:fio nbdinfo:libnbd-bin qemu-storage-daemon:qemu-system-common
+	fio:fio nbdinfo:libnbd-bin qemu-storage-daemon:qemu-system-common openssl:openssl
 DEBIAN_PYTHON_MODULES := nbd:python3-libnbd ensurepip:python3-venv
 
 .PHONY: run test lint iotests bench deps venv clean

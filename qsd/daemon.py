@@ -8,7 +8,9 @@ iothreads, and last the monitors and their chardevs.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections import ChainMap
+from collections.abc import Mapping
+from typing import Any, cast
 
 from qsd.block.graph import BlockGraph
 from qsd.chardev import Chardev
@@ -22,6 +24,11 @@ class Daemon:
         self.graph = BlockGraph()
         self.exports = ExportRegistry(self)
         self.iothreads: dict[str, IOThread] = {}
+        # Every other user-creatable object (secrets, TLS credentials, authz), by id;
+        # ids are one namespace with the iothreads'.
+        self.objects: dict[str, object] = {}
+        self.all_objects: Mapping[str, object] = ChainMap(
+            self.objects, cast("dict[str, object]", self.iothreads))
         self.chardevs: dict[str, Chardev] = {}
         self.monitors: list[Monitor] = []
         self.nbd_server: Any = None

@@ -17,6 +17,7 @@ from qsd.commands.registry import HANDLERS
 from qsd.daemon import Daemon
 from qsd.errors import QMPError
 from qsd.keyval import keyval_parse
+from qsd.qapi.generated import ObjectType
 from qsd.qmp.jsonstream import parse_json_text
 from qsd.qmp.monitor import Monitor
 
@@ -131,7 +132,8 @@ async def _monitor(daemon: Daemon, text: str) -> None:
 
 
 def _print_object_help() -> None:
-    sys.stdout.write("List of user creatable objects:\n  iothread\n")
+    sys.stdout.write("List of user creatable objects:\n" + "".join(
+        f"  {kind.value}\n" for kind in ObjectType))
 
 
 async def apply_option(daemon: Daemon, name: str, text: str) -> bool:

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from qsd import qapi
 from qsd.commands.registry import command
+from qsd.crypto.tlscreds import TlsCreds
 from qsd.errors import QMPError
+from qsd.nbd.handshake import TlsPolicy
 from qsd.nbd.protocol import NBD_DEFAULT_HANDSHAKE_MAX_SECS, NBD_DEFAULT_MAX_CONNECTIONS
 from qsd.nbd.server import NbdServer
 from qsd.qapi.generated import (
@@ -25,11 +27,16 @@ if TYPE_CHECKING:
     from qsd.daemon import Daemon
 
 
-def _tls_error(daemon: Daemon, creds_id: str) -> QMPError:
-    """What QEMU's nbd_get_tls_creds() says; qsd has no TLS credential objects yet."""
-    if creds_id in daemon.iothreads:
-        return QMPError(f"Object with id '{creds_id}' is not TLS credentials")
-    return QMPError(f"No TLS credentials with id '{creds_id}'")
+def _tls_creds(daemon: Daemon, creds_id: str) -> TlsCreds:
+    """QEMU's nbd_get_tls_creds()."""
+    creds = daemon.objects.get(creds_id)
+    if creds is None and creds_id not in daemon.iothreads:
+        raise QMPError(f"No TLS credentials with id '{creds_id}'")
+    if not isinstance(creds, TlsCreds):
+        raise QMPError(f"Object with id '{creds_id}' is not TLS credentials")
+    if not creds.is_server:
+        raise QMPError("Expected TLS credentials for a server endpoint")
+    return creds
 
 
 async def _start(daemon: Daemon, addr: dict[str, Any], args: NbdServerOptionsBase) -> None:
@@ -42,8 +49,14 @@ async def _start(daemon: Daemon, addr: dict[str, Any], args: NbdServerOptionsBas
         NBD_DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections,
         NBD_DEFAULT_HANDSHAKE_MAX_SECS if handshake is None else handshake)
     if args.tls_creds is not None:
-        await server.stop()
-        raise _tls_error(daemon, args.tls_creds)
+        try:
+            creds = _tls_creds(daemon, args.tls_creds)
+        except QMPError:
+            await server.stop()
+            raise
+        # The server keeps these credentials even if object-del removes their id, as
+        # QEMU's server keeps its reference.
+        server.tls = TlsPolicy(creds, args.tls_authz, daemon.all_objects)
     daemon.nbd_server = server
 
 

@@ -13,6 +13,7 @@ import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from qsd.crypto.engine import TlsFailure
 from qsd.nbd.protocol import (
     NBD_FLAG_BLOCK_STAT_PAYLOAD,
     NBD_FLAG_C_FIXED_NEWSTYLE,
@@ -44,6 +45,7 @@ from qsd.nbd.protocol import (
     NBD_REP_ERR_EXT_HEADER_REQD,
     NBD_REP_ERR_INVALID,
     NBD_REP_ERR_POLICY,
+    NBD_REP_ERR_TLS_REQD,
     NBD_REP_ERR_UNKNOWN,
     NBD_REP_ERR_UNSUP,
     NBD_REP_INFO,
@@ -55,8 +57,10 @@ from qsd.nbd.protocol import (
     Mode,
     opt_name,
 )
+from qsd.nbd.tls import TlsChannel
 
 if TYPE_CHECKING:
+    from qsd.crypto.tlscreds import TlsCreds
     from qsd.nbd.server import ServedExport
 
 
@@ -68,15 +72,26 @@ class _Handled(Exception):
     """The current option was answered with an error reply; go on with the next one."""
 
 
+class TlsPolicy:
+    """The server's tls-creds and tls-authz, and where their objects are looked up."""
+
+    def __init__(self, creds: TlsCreds, authz_id: str | None,
+                 objects: Mapping[str, object]) -> None:
+        self.creds = creds
+        self.authz_id = authz_id
+        self.objects = objects
+
+
 class Negotiated:
     """What the transmission phase needs from a successful handshake."""
 
     def __init__(self, export: ServedExport, mode: int, contexts: MetaContexts,
-                 check_align: int) -> None:
+                 check_align: int, channel: TlsChannel | None = None) -> None:
         self.export = export
         self.mode = mode
         self.contexts = contexts
         self.check_align = check_align
+        self.channel = channel
 
 
 def _sanitize(name: str) -> str:
@@ -86,9 +101,12 @@ def _sanitize(name: str) -> str:
 class Negotiation:
     """One client's option phase; ``run()`` returns None for NBD_OPT_ABORT or a probe."""
 
-    def __init__(self, sock: socket.socket, exports: Mapping[str, ServedExport]) -> None:
+    def __init__(self, sock: socket.socket, exports: Mapping[str, ServedExport],
+                 tls: TlsPolicy | None = None) -> None:
         self.sock = sock
         self.exports = exports
+        self.tls = tls
+        self.channel: TlsChannel | None = None
         self.loop = asyncio.get_running_loop()
         self.mode = Mode.EXPORT_NAME
         self.contexts = MetaContexts()
@@ -102,7 +120,10 @@ class Negotiation:
         view = memoryview(buf)
         got = 0
         while got < size:
-            n = await self.loop.sock_recv_into(self.sock, view[got:])
+            if self.channel is not None:
+                n = await self.channel.read_into(view[got:])
+            else:
+                n = await self.loop.sock_recv_into(self.sock, view[got:])
             if n == 0:
                 raise NegotiationError("Unexpected end-of-file before all data were read")
             got += n
@@ -115,7 +136,10 @@ class Negotiation:
             size -= chunk
 
     async def _write(self, data: bytes) -> None:
-        await self.loop.sock_sendall(self.sock, data)
+        if self.channel is not None:
+            await self.channel.write(data)
+        else:
+            await self.loop.sock_sendall(self.sock, data)
 
     async def _send_rep(self, rep_type: int, payload: bytes = b"") -> None:
         await self._write(OPTION_REPLY.pack(NBD_REP_MAGIC, self.opt, rep_type, len(payload))
@@ -180,6 +204,10 @@ class Negotiation:
             if length > NBD_MAX_BUFFER_SIZE:
                 raise NegotiationError(
                     f"len ({length}) is larger than max len ({NBD_MAX_BUFFER_SIZE})")
+            if self.tls is not None and self.channel is None:
+                if await self._before_tls(option, length, fixed):
+                    return None
+                continue
             if option == NBD_OPT_EXPORT_NAME:
                 return await self._export_name(no_zeroes)
             if not fixed:
@@ -197,6 +225,33 @@ class Negotiation:
             if result is not None:
                 return result
 
+    async def _before_tls(self, option: int, length: int, fixed: bool) -> bool:
+        """A TLS-only server's answer to options sent in clear; True ends negotiation."""
+        assert self.tls is not None
+        if not fixed:
+            raise NegotiationError(f"Unsupported option 0x{option:x}")
+        if option == NBD_OPT_STARTTLS:
+            if length:
+                await self._reject_length()
+                raise NegotiationError(f"option '{opt_name(option)}' has unexpected length")
+            await self._send_rep(NBD_REP_ACK)
+            channel = TlsChannel(self.sock, self.tls.creds, self.tls.authz_id, self.tls.objects)
+            try:
+                await channel.handshake()
+            except TlsFailure as exc:
+                raise NegotiationError(str(exc)) from None
+            self.channel = channel
+            return False
+        if option == NBD_OPT_EXPORT_NAME:
+            raise NegotiationError(f"Option 0x{option:x} not permitted before TLS")
+        message = f"Option 0x{option:x} not permitted before TLS"
+        try:
+            await self._opt_drop(NBD_REP_ERR_TLS_REQD, message)
+        except OSError:
+            if option != NBD_OPT_ABORT:
+                raise
+        return option == NBD_OPT_ABORT
+
     async def _option(self, option: int, length: int) -> Negotiated | None:
         if option == NBD_OPT_LIST:
             if length:
@@ -212,6 +267,8 @@ class Negotiation:
         elif option == NBD_OPT_STARTTLS:
             if length:
                 await self._reject_length()
+            elif self.tls is not None:
+                await self._send_err(NBD_REP_ERR_INVALID, "TLS already enabled")
             else:
                 await self._send_err(NBD_REP_ERR_POLICY, "TLS not configured")
         elif option == NBD_OPT_STRUCTURED_REPLY:
@@ -267,7 +324,7 @@ class Negotiation:
         if not no_zeroes:
             reply += bytes(124)
         await self._write(reply)
-        return Negotiated(exp, self.mode, self.contexts, 0)
+        return Negotiated(exp, self.mode, self.contexts, 0, self.channel)
 
     async def _send_info(self, info: int, payload: bytes) -> None:
         await self._send_rep(NBD_REP_INFO, struct.pack(">H", info) + payload)
@@ -304,7 +361,7 @@ class Negotiation:
                               struct.pack(">QH", exp.size, self._flags(exp, payload_ok)))
         await self._send_rep(NBD_REP_ACK)
         if self.opt == NBD_OPT_GO:
-            return Negotiated(exp, self.mode, self.contexts, check_align)
+            return Negotiated(exp, self.mode, self.contexts, check_align, self.channel)
         return None
 
     async def _meta_queries(self) -> None:

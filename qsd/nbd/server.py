@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd.errors import QMPError
-from qsd.nbd.handshake import Negotiated, Negotiation, NegotiationError
+from qsd.nbd.handshake import Negotiated, Negotiation, NegotiationError, TlsPolicy
+from qsd.nbd.tls import TlsTransport
 from qsd.nbd.transmission import NbdClient, report
 
 if TYPE_CHECKING:
@@ -78,8 +79,11 @@ class ServedExport:
         """Runs in the export's context: starts serving a negotiated client there."""
         loop = asyncio.get_running_loop()
         client = NbdClient(self, negotiated.mode, negotiated.contexts, on_finished)
+        protocol: asyncio.Protocol = client
+        if negotiated.channel is not None:
+            protocol = TlsTransport(negotiated.channel, client)
         try:
-            transport, _ = await loop.connect_accepted_socket(lambda: client, sock)
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
         except BaseException:
             with self._lock:
                 self._pending -= 1
@@ -218,6 +222,7 @@ class NbdServer:
 
     def __init__(self, addr: dict[str, Any], max_connections: int,
                  handshake_max_seconds: int) -> None:
+        self.tls: TlsPolicy | None = None
         self.max_connections = max_connections
         self.handshake_max_seconds = handshake_max_seconds
         self.exports: dict[str, ServedExport] = {}
@@ -267,7 +272,7 @@ class NbdServer:
             timer = self._loop.call_later(self.handshake_max_seconds, _shutdown, sock)
         try:
             try:
-                negotiated = await Negotiation(sock, self.exports).run()
+                negotiated = await Negotiation(sock, self.exports, self.tls).run()
             except NegotiationError as exc:
                 report(f"option negotiation failed: {exc}")
             except OSError as exc:

@@ -14,6 +14,20 @@ from pydantic import Field
 from qsd.qapi import base as _base
 
 
+class QAuthZListPolicy(enum.StrEnum):
+    """QAPI enum QAuthZListPolicy."""
+
+    deny = 'deny'
+    allow = 'allow'
+
+
+class QAuthZListFormat(enum.StrEnum):
+    """QAPI enum QAuthZListFormat."""
+
+    exact = 'exact'
+    glob = 'glob'
+
+
 class ImageInfoSpecificKind(enum.StrEnum):
     """QAPI enum ImageInfoSpecificKind."""
 
@@ -163,6 +177,20 @@ class MonitorMode(enum.StrEnum):
     control = 'control'
 
 
+class QCryptoTLSCredsEndpoint(enum.StrEnum):
+    """QAPI enum QCryptoTLSCredsEndpoint."""
+
+    client = 'client'
+    server = 'server'
+
+
+class QCryptoSecretFormat(enum.StrEnum):
+    """QAPI enum QCryptoSecretFormat."""
+
+    raw = 'raw'
+    base64 = 'base64'
+
+
 class SchemaMetaType(enum.StrEnum):
     """QAPI enum SchemaMetaType."""
 
@@ -191,7 +219,61 @@ class JSONType(enum.StrEnum):
 class ObjectType(enum.StrEnum):
     """QAPI enum ObjectType."""
 
+    authz_list = 'authz-list'
+    authz_listfile = 'authz-listfile'
+    authz_simple = 'authz-simple'
     iothread = 'iothread'
+    secret = 'secret'
+    tls_creds_psk = 'tls-creds-psk'
+    tls_creds_x509 = 'tls-creds-x509'
+
+
+class QAuthZListRule(_base.QAPIModel):
+    """QAPI struct QAuthZListRule."""
+
+    match: builtins.str
+    policy: QAuthZListPolicy
+    format: QAuthZListFormat | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('match', 'match', 'str', False),
+        _base.MemberSpec('policy', 'policy', 'QAuthZListPolicy', False),
+        _base.MemberSpec('format', 'format', 'QAuthZListFormat', True),
+    )
+
+
+class AuthZListProperties(_base.QAPIModel):
+    """QAPI struct AuthZListProperties."""
+
+    policy: QAuthZListPolicy | None = None
+    rules: list[QAuthZListRule] | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('policy', 'policy', 'QAuthZListPolicy', True),
+        _base.MemberSpec('rules', 'rules', '[QAuthZListRule]', True),
+    )
+
+
+class AuthZListFileProperties(_base.QAPIModel):
+    """QAPI struct AuthZListFileProperties."""
+
+    filename: builtins.str
+    refresh: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('filename', 'filename', 'str', False),
+        _base.MemberSpec('refresh', 'refresh', 'bool', True),
+    )
+
+
+class AuthZSimpleProperties(_base.QAPIModel):
+    """QAPI struct AuthZSimpleProperties."""
+
+    identity: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('identity', 'identity', 'str', False),
+    )
 
 
 class BlockDirtyBitmap(_base.QAPIModel):
@@ -1530,6 +1612,81 @@ class MonitorOptions(_base.QAPIModel):
     )
 
 
+class SecretCommonProperties(_base.QAPIModel):
+    """QAPI struct SecretCommonProperties."""
+
+    format: QCryptoSecretFormat | None = None
+    keyid: builtins.str | None = None
+    iv: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'QCryptoSecretFormat', True),
+        _base.MemberSpec('keyid', 'keyid', 'str', True),
+        _base.MemberSpec('iv', 'iv', 'str', True),
+    )
+
+
+class SecretProperties(SecretCommonProperties):
+    """QAPI struct SecretProperties."""
+
+    data: builtins.str | None = None
+    file: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'QCryptoSecretFormat', True),
+        _base.MemberSpec('keyid', 'keyid', 'str', True),
+        _base.MemberSpec('iv', 'iv', 'str', True),
+        _base.MemberSpec('data', 'data', 'str', True),
+        _base.MemberSpec('file', 'file', 'str', True),
+    )
+
+
+class TlsCredsProperties(_base.QAPIModel):
+    """QAPI struct TlsCredsProperties."""
+
+    verify_peer: builtins.bool | None = Field(default=None, alias='verify-peer')
+    dir: builtins.str | None = None
+    endpoint: QCryptoTLSCredsEndpoint | None = None
+    priority: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('verify-peer', 'verify_peer', 'bool', True),
+        _base.MemberSpec('dir', 'dir', 'str', True),
+        _base.MemberSpec('endpoint', 'endpoint', 'QCryptoTLSCredsEndpoint', True),
+        _base.MemberSpec('priority', 'priority', 'str', True),
+    )
+
+
+class TlsCredsPskProperties(TlsCredsProperties):
+    """QAPI struct TlsCredsPskProperties."""
+
+    username: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('verify-peer', 'verify_peer', 'bool', True),
+        _base.MemberSpec('dir', 'dir', 'str', True),
+        _base.MemberSpec('endpoint', 'endpoint', 'QCryptoTLSCredsEndpoint', True),
+        _base.MemberSpec('priority', 'priority', 'str', True),
+        _base.MemberSpec('username', 'username', 'str', True),
+    )
+
+
+class TlsCredsX509Properties(TlsCredsProperties):
+    """QAPI struct TlsCredsX509Properties."""
+
+    sanity_check: builtins.bool | None = Field(default=None, alias='sanity-check')
+    passwordid: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('verify-peer', 'verify_peer', 'bool', True),
+        _base.MemberSpec('dir', 'dir', 'str', True),
+        _base.MemberSpec('endpoint', 'endpoint', 'QCryptoTLSCredsEndpoint', True),
+        _base.MemberSpec('priority', 'priority', 'str', True),
+        _base.MemberSpec('sanity-check', 'sanity_check', 'bool', True),
+        _base.MemberSpec('passwordid', 'passwordid', 'str', True),
+    )
+
+
 class SchemaInfo(_base.QAPIModel):
     """QAPI union SchemaInfo: a value is one of its Variant classes."""
 
@@ -1841,6 +1998,52 @@ class ObjectOptions(_base.QAPIModel):
     __qapi_tag__ = 'qom-type'
 
 
+class ObjectOptionsVariantAuthzList(ObjectOptions, AuthZListProperties):
+    """ObjectOptions with qom-type 'authz-list'."""
+
+    qom_type: ObjectType = Field(alias='qom-type')
+    id: builtins.str
+    policy: QAuthZListPolicy | None = None
+    rules: list[QAuthZListRule] | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('qom-type', 'qom_type', 'ObjectType', False),
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('policy', 'policy', 'QAuthZListPolicy', True),
+        _base.MemberSpec('rules', 'rules', '[QAuthZListRule]', True),
+    )
+
+
+class ObjectOptionsVariantAuthzListfile(ObjectOptions, AuthZListFileProperties):
+    """ObjectOptions with qom-type 'authz-listfile'."""
+
+    qom_type: ObjectType = Field(alias='qom-type')
+    id: builtins.str
+    filename: builtins.str
+    refresh: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('qom-type', 'qom_type', 'ObjectType', False),
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('filename', 'filename', 'str', False),
+        _base.MemberSpec('refresh', 'refresh', 'bool', True),
+    )
+
+
+class ObjectOptionsVariantAuthzSimple(ObjectOptions, AuthZSimpleProperties):
+    """ObjectOptions with qom-type 'authz-simple'."""
+
+    qom_type: ObjectType = Field(alias='qom-type')
+    id: builtins.str
+    identity: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('qom-type', 'qom_type', 'ObjectType', False),
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('identity', 'identity', 'str', False),
+    )
+
+
 class ObjectOptionsVariantIothread(ObjectOptions, IothreadProperties):
     """ObjectOptions with qom-type 'iothread'."""
 
@@ -1862,6 +2065,74 @@ class ObjectOptionsVariantIothread(ObjectOptions, IothreadProperties):
         _base.MemberSpec('poll-max-ns', 'poll_max_ns', 'int', True),
         _base.MemberSpec('poll-grow', 'poll_grow', 'int', True),
         _base.MemberSpec('poll-shrink', 'poll_shrink', 'int', True),
+    )
+
+
+class ObjectOptionsVariantSecret(ObjectOptions, SecretProperties):
+    """ObjectOptions with qom-type 'secret'."""
+
+    qom_type: ObjectType = Field(alias='qom-type')
+    id: builtins.str
+    format: QCryptoSecretFormat | None = None
+    keyid: builtins.str | None = None
+    iv: builtins.str | None = None
+    data: builtins.str | None = None
+    file: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('qom-type', 'qom_type', 'ObjectType', False),
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('format', 'format', 'QCryptoSecretFormat', True),
+        _base.MemberSpec('keyid', 'keyid', 'str', True),
+        _base.MemberSpec('iv', 'iv', 'str', True),
+        _base.MemberSpec('data', 'data', 'str', True),
+        _base.MemberSpec('file', 'file', 'str', True),
+    )
+
+
+class ObjectOptionsVariantTlsCredsPsk(ObjectOptions, TlsCredsPskProperties):
+    """ObjectOptions with qom-type 'tls-creds-psk'."""
+
+    qom_type: ObjectType = Field(alias='qom-type')
+    id: builtins.str
+    verify_peer: builtins.bool | None = Field(default=None, alias='verify-peer')
+    dir: builtins.str | None = None
+    endpoint: QCryptoTLSCredsEndpoint | None = None
+    priority: builtins.str | None = None
+    username: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('qom-type', 'qom_type', 'ObjectType', False),
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('verify-peer', 'verify_peer', 'bool', True),
+        _base.MemberSpec('dir', 'dir', 'str', True),
+        _base.MemberSpec('endpoint', 'endpoint', 'QCryptoTLSCredsEndpoint', True),
+        _base.MemberSpec('priority', 'priority', 'str', True),
+        _base.MemberSpec('username', 'username', 'str', True),
+    )
+
+
+class ObjectOptionsVariantTlsCredsX509(ObjectOptions, TlsCredsX509Properties):
+    """ObjectOptions with qom-type 'tls-creds-x509'."""
+
+    qom_type: ObjectType = Field(alias='qom-type')
+    id: builtins.str
+    verify_peer: builtins.bool | None = Field(default=None, alias='verify-peer')
+    dir: builtins.str | None = None
+    endpoint: QCryptoTLSCredsEndpoint | None = None
+    priority: builtins.str | None = None
+    sanity_check: builtins.bool | None = Field(default=None, alias='sanity-check')
+    passwordid: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('qom-type', 'qom_type', 'ObjectType', False),
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('verify-peer', 'verify_peer', 'bool', True),
+        _base.MemberSpec('dir', 'dir', 'str', True),
+        _base.MemberSpec('endpoint', 'endpoint', 'QCryptoTLSCredsEndpoint', True),
+        _base.MemberSpec('priority', 'priority', 'str', True),
+        _base.MemberSpec('sanity-check', 'sanity_check', 'bool', True),
+        _base.MemberSpec('passwordid', 'passwordid', 'str', True),
     )
 
 
@@ -1894,9 +2165,13 @@ SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': Soc
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'fuse': BlockExportOptionsVariantFuse}
 ChardevBackend.__qapi_variants__ = {'file': ChardevBackendVariantFile, 'socket': ChardevBackendVariantSocket, 'null': ChardevBackendVariantNull, 'stdio': ChardevBackendVariantStdio}
 SchemaInfo.__qapi_variants__ = {'builtin': SchemaInfoVariantBuiltin, 'enum': SchemaInfoVariantEnum, 'array': SchemaInfoVariantArray, 'object': SchemaInfoVariantObject, 'alternate': SchemaInfoVariantAlternate, 'command': SchemaInfoVariantCommand, 'event': SchemaInfoVariantEvent}
-ObjectOptions.__qapi_variants__ = {'iothread': ObjectOptionsVariantIothread}
+ObjectOptions.__qapi_variants__ = {'authz-list': ObjectOptionsVariantAuthzList, 'authz-listfile': ObjectOptionsVariantAuthzListfile, 'authz-simple': ObjectOptionsVariantAuthzSimple, 'iothread': ObjectOptionsVariantIothread, 'secret': ObjectOptionsVariantSecret, 'tls-creds-psk': ObjectOptionsVariantTlsCredsPsk, 'tls-creds-x509': ObjectOptionsVariantTlsCredsX509}
 
 for _cls in (
+    QAuthZListRule,
+    AuthZListProperties,
+    AuthZListFileProperties,
+    AuthZSimpleProperties,
     BlockDirtyBitmap,
     ImageInfoSpecificFile,
     ImageInfoSpecificFileWrapper,
@@ -1980,6 +2255,11 @@ for _cls in (
     VersionInfo,
     CommandInfo,
     MonitorOptions,
+    SecretCommonProperties,
+    SecretProperties,
+    TlsCredsProperties,
+    TlsCredsPskProperties,
+    TlsCredsX509Properties,
     SchemaInfo,
     SchemaInfoBuiltin,
     SchemaInfoVariantBuiltin,
@@ -2002,7 +2282,13 @@ for _cls in (
     EventLoopBaseProperties,
     IothreadProperties,
     ObjectOptions,
+    ObjectOptionsVariantAuthzList,
+    ObjectOptionsVariantAuthzListfile,
+    ObjectOptionsVariantAuthzSimple,
     ObjectOptionsVariantIothread,
+    ObjectOptionsVariantSecret,
+    ObjectOptionsVariantTlsCredsPsk,
+    ObjectOptionsVariantTlsCredsX509,
     ObjectDelArgs,
     NbdServerStartArgs,
 ):
@@ -2011,6 +2297,12 @@ for _cls in (
 
 #: Every enum, struct and union class by QAPI name (argument classes by Python name).
 TYPES: dict[str, type] = {
+    'QAuthZListPolicy': QAuthZListPolicy,
+    'QAuthZListFormat': QAuthZListFormat,
+    'QAuthZListRule': QAuthZListRule,
+    'AuthZListProperties': AuthZListProperties,
+    'AuthZListFileProperties': AuthZListFileProperties,
+    'AuthZSimpleProperties': AuthZSimpleProperties,
     'BlockDirtyBitmap': BlockDirtyBitmap,
     'ImageInfoSpecificFile': ImageInfoSpecificFile,
     'ImageInfoSpecificKind': ImageInfoSpecificKind,
@@ -2094,6 +2386,13 @@ TYPES: dict[str, type] = {
     'CommandInfo': CommandInfo,
     'MonitorMode': MonitorMode,
     'MonitorOptions': MonitorOptions,
+    'QCryptoTLSCredsEndpoint': QCryptoTLSCredsEndpoint,
+    'QCryptoSecretFormat': QCryptoSecretFormat,
+    'SecretCommonProperties': SecretCommonProperties,
+    'SecretProperties': SecretProperties,
+    'TlsCredsProperties': TlsCredsProperties,
+    'TlsCredsPskProperties': TlsCredsPskProperties,
+    'TlsCredsX509Properties': TlsCredsX509Properties,
     'SchemaMetaType': SchemaMetaType,
     'SchemaInfo': SchemaInfo,
     'SchemaInfoBuiltin': SchemaInfoBuiltin,

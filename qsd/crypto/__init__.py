@@ -1,0 +1,1 @@
+"""Secrets, TLS credentials and TLS sessions (QEMU's ``crypto/``)."""
