@@ -356,6 +356,10 @@ class JSONStreamParser:
             return -1
         if end - pos > _FAST_MAX or _SUSPICIOUS_ESCAPE.search(text, pos, end):
             return -1
+        # Python 3.14's decoder no longer stops at the recursion limit, so the depth is
+        # bounded here: more openers than the limit allows (strings included) go slow.
+        if text.count("[", pos, end) + text.count("{", pos, end) > MAX_NESTING:
+            return -1
         self._skew = False
         self._out.append(value)
         return int(end)
