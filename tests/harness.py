@@ -16,7 +16,30 @@ import tempfile
 import time
 from pathlib import Path
 
-QSD = [sys.executable, "-m", "qsd"]
+# A DeprecationWarning raised from qsd's own code (its modules, or __main__ when it runs
+# as a program) is an error in every daemon the tests start, as it is in the test process
+# (pyproject's filterwarnings); other packages' warnings keep their default treatment.
+QSD_DEPRECATIONS_FATAL = ("import warnings; warnings.filterwarnings('error', "
+                          r"category=DeprecationWarning, module=r'(qsd(\..*)?|__main__)$')")
+QSD = [sys.executable, "-c", QSD_DEPRECATIONS_FATAL
+       + "; import runpy; runpy.run_module('qsd', run_name='__main__', alter_sys=True)"]
+
+
+def nbd_list(sock: Path | str) -> str:
+    """``qemu-nbd -L`` of the NBD server listening on the unix socket ``sock``."""
+    return subprocess.run(["qemu-nbd", "-L", "-k", str(sock)], capture_output=True,
+                          text=True, check=True, timeout=20).stdout
+
+
+def nbd_flags(listing: str, flags: int, names: str) -> str:
+    """The flags line ``qemu-nbd -L`` prints for an export with ``flags``.
+
+    A client that negotiates extended headers (QEMU 8.2 and later: "transaction size:
+    64-bit") is also offered block-status payloads, so the line depends on the client.
+    """
+    if "transaction size: 64-bit" in listing:
+        return f"flags: {flags | 0x1000:#x} ( {names} block-status-payload )"
+    return f"flags: {flags:#x} ( {names} )"
 
 
 def fuse_mounts() -> set[str]:
@@ -107,6 +130,7 @@ class Qsd:
         if self.proc.stderr is not None and not self.proc.stderr.closed:
             self.stderr = self.proc.stderr.read()
             self.proc.stderr.close()
+        assert b"DeprecationWarning" not in self.stderr, self.stderr.decode(errors="replace")
         return self.proc.returncode
 
 

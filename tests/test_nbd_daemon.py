@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qsd.nbd import protocol as P
-from tests.harness import Qsd, RawMonitor, wait_for_path
+from tests.harness import Qsd, RawMonitor, nbd_flags, nbd_list, wait_for_path
 from tests.test_nbd_protocol import Raw, meta_payload
 
 
@@ -119,16 +119,11 @@ def nbd_uri(sock: Path, name: str) -> str:
     return f"nbd+unix:///{name}?socket={sock}"
 
 
-def list_exports(sock: Path) -> str:
-    return subprocess.run(["qemu-nbd", "-L", "-k", str(sock)], capture_output=True,
-                          text=True, check=True, timeout=20).stdout
-
-
 def test_list_matches_qemu(daemon: tuple[Qsd, Path], image: Path, workdir: Path) -> None:
     _, sock = daemon
-    ours = list_exports(sock)
-    assert "flags: 0x58f ( readonly flush fua df multi cache )" in ours
-    assert "flags: 0xded ( flush fua trim zeroes df multi cache fast-zero )" in ours
+    ours = nbd_list(sock)
+    assert nbd_flags(ours, 0x58f, "readonly flush fua df multi cache") in ours
+    assert nbd_flags(ours, 0xded, "flush fua trim zeroes df multi cache fast-zero") in ours
     assert "base:allocation" in ours
     reference = shutil.which("qemu-storage-daemon")
     if reference is None:
@@ -141,7 +136,7 @@ def test_list_matches_qemu(daemon: tuple[Qsd, Path], image: Path, workdir: Path)
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_path(ref_sock, None)
-        assert ours == list_exports(ref_sock)
+        assert ours == nbd_list(ref_sock)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -223,7 +218,7 @@ def test_qmp_server_control(workdir: Path, image: Path) -> None:
         assert mon.err("nbd-server-add", device="nope") \
             == "Cannot find device='nope' nor node-name='nope'"
         mon.ok("nbd-server-add", device="disk", name="legacy", writable=True)
-        assert "export: 'legacy'" in list_exports(sock)
+        assert "export: 'legacy'" in nbd_list(sock)
         mon.ok("nbd-server-remove", name="legacy")
         assert mon.wait_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "legacy"}
         exports = mon.ok("query-block-exports")
@@ -239,7 +234,8 @@ def test_qmp_server_control(workdir: Path, image: Path) -> None:
         mon.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}},
                **{"max-connections": 1})
         mon.ok("block-export-add", type="nbd", id="e", **{"node-name": "disk"})
-        assert "flags: 0x48f ( readonly flush fua df cache )" in list_exports(sock)
+        listing = nbd_list(sock)
+        assert nbd_flags(listing, 0x48f, "readonly flush fua df cache") in listing
     finally:
         qsd.stop()
         shutil.rmtree(sock_dir, ignore_errors=True)
@@ -298,7 +294,7 @@ def test_safe_and_hard_removal(daemon: tuple[Qsd, Path]) -> None:
     finally:
         client.close()
     # The other export and the server keep serving.
-    assert "export: 'disk'" in list_exports(sock)
+    assert "export: 'disk'" in nbd_list(sock)
     mon.ok("block-export-del", id="ro")
     assert mon.wait_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "ro"}
 

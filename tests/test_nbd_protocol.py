@@ -31,6 +31,7 @@ from qsd.block.node import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO
 from qsd.export.nbd import NbdExport
 from qsd.nbd import protocol as P
 from qsd.nbd.server import NbdServer
+from tests.harness import nbd_flags, nbd_list
 
 CLUSTER = 65536
 
@@ -176,10 +177,9 @@ def connect(h: Harness, name: str, structured: bool = True) -> nbd.NBD:
 def test_flags_and_list(harness: Harness) -> None:
     harness.add("ro", MemBackend(1 << 20))
     harness.add("rw", MemBackend(1 << 20), writable=True, description="hello")
-    out = subprocess.run(["qemu-nbd", "-L", "-k", harness.path], capture_output=True,
-                         text=True, check=True, timeout=20).stdout
-    assert "flags: 0x58f ( readonly flush fua df multi cache )" in out
-    assert "flags: 0xded ( flush fua trim zeroes df multi cache fast-zero )" in out
+    out = nbd_list(harness.path)
+    assert nbd_flags(out, 0x58f, "readonly flush fua df multi cache") in out
+    assert nbd_flags(out, 0xded, "flush fua trim zeroes df multi cache fast-zero") in out
     assert "description: hello" in out
     assert "base:allocation" in out
 
