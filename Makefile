@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[test]'
-	@scripts/link-debian-libnbd $(PY)
+	@scripts/install-libnbd-binding $(PY)
 	@touch $@
 
 venv: deps $(STAMP)
