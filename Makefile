@@ -1,18 +1,20 @@
 # Every target sets up what it needs: Debian packages (as root), then .venv.
+# VENV and SYSTEM_PYTHON select another venv and the Python it is made from.
 VENV := .venv
+SYSTEM_PYTHON := python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEBIAN_PROGRAMS := fusermount3:fuse3 qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
 	fio:fio nbdinfo:libnbd-bin qemu-storage-daemon:qemu-system-common openssl:openssl
 DEBIAN_PYTHON_MODULES := nbd:python3-libnbd ensurepip:python3-venv
 
-.PHONY: run test lint iotests bench deps venv clean
+.PHONY: run test test-py314 lint iotests bench deps venv clean
 
 deps:
 	@scripts/install-debian-deps $(DEBIAN_PROGRAMS) -- $(DEBIAN_PYTHON_MODULES)
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[test]'
 	@scripts/install-libnbd-binding $(PY)
@@ -27,6 +29,11 @@ test: venv
 	@$(PY) -m pytest -q tests
 	@$(PY) iotests/check
 
+# The same suite on Python 3.14, in a Debian sid chroot that scripts/sid-chroot builds.
+test-py314:
+	@scripts/sid-chroot setup
+	@scripts/sid-chroot run make VENV=.venv-py314 SYSTEM_PYTHON=python3.14 test
+
 iotests: venv
 	@$(PY) iotests/check
 
@@ -38,4 +45,4 @@ bench: venv
 	@$(PY) scripts/bench-fuse
 
 clean:
-	rm -rf $(VENV) run bench-results
+	rm -rf $(VENV) .venv-py314 run bench-results
