@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from qsd.crypto.engine import SslObjectEngine, TlsClosed
 from qsd.crypto.secret import base64_decode
 from qsd.errors import QMPError
 from tests.harness import Qsd, wait_for_path
@@ -118,6 +120,40 @@ def test_x509_clients_read(creds: dict[str, Path], workdir: Path) -> None:
     check_reads(daemon.sock, x509_client(creds["client"]), ",tls-hostname=localhost",
                 f"nbds+unix:///exp?socket={daemon.sock}&tls-certificates={creds['client']}")
     assert "negotiation failed" not in daemon.stderr()
+
+
+def test_data_before_close_notify_is_read(creds: dict[str, Path]) -> None:
+    """A client's last message and its close_notify often arrive in one recv (libnbd 1.24
+    sends NBD_OPT_ABORT and closes at once): the message is read, then the end."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(creds["server"] / "server-cert.pem",
+                               creds["server"] / "server-key.pem")
+    client_ctx = ssl.create_default_context(cafile=str(creds["client"] / "ca-cert.pem"))
+    server = SslObjectEngine(server_ctx)
+    to_client, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(to_client, to_server, server_hostname="localhost")
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            server.feed(to_server.read())
+            server.do_handshake()
+            to_client.write(server.take_output())
+    server.feed(to_server.read())
+    assert server.do_handshake()
+    to_client.write(server.take_output())
+    client.write(b"last words")
+    try:
+        client.unwrap()
+    except ssl.SSLWantReadError:
+        pass  # the close_notify is sent; the server's answer is not awaited
+    server.feed(to_server.read())
+    received = b""
+    with pytest.raises(TlsClosed):
+        while True:
+            received += server.read()
+    assert received == b"last words"
 
 
 PSK_ENGINES = ["libssl"] + (["stdlib"] if sys.version_info >= (3, 13) else [])

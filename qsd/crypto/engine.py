@@ -74,12 +74,14 @@ class SslObjectEngine:
         return True
 
     def read(self) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         try:
             while True:
                 chunk = self._obj.read(_READ_CHUNK)
-                if not chunk:
-                    raise TlsClosed()
+                if not chunk:  # close_notify, after the data read so far
+                    if not chunks:
+                        raise TlsClosed()
+                    break
                 chunks.append(chunk)
         except ssl.SSLWantReadError:
             pass
