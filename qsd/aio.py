@@ -15,12 +15,18 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# QEMU's iothread default for poll-max-ns; the main loop uses it too.
+POLL_MAX_NS_DEFAULT = 32768
+
 
 class AioContext:
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, thread: threading.Thread):
         self.name = name
         self.loop = loop
         self.thread = thread
+        # How long whoever serves requests in this context may poll for the next one
+        # before sleeping; an iothread's poll-max-ns, changeable while it runs.
+        self.poll_max_ns = POLL_MAX_NS_DEFAULT
 
     def in_this_thread(self) -> bool:
         return threading.current_thread() is self.thread

@@ -11,59 +11,90 @@ import fnmatch
 import json
 import os
 from collections.abc import Mapping
+from operator import attrgetter
 
 from qsd import qapi
 from qsd.errors import QMPError
-from qsd.qapi.generated import (
-    AuthZListFileProperties,
-    AuthZListProperties,
-    AuthZSimpleProperties,
-    QAuthZListRule,
-)
+from qsd.qapi.generated import AuthZListProperties, QAuthZListPolicy, QAuthZListRule
+from qsd.qom.model import Property, QOMObject, read_enum, read_string, store
 
 
-class Authz:
-    """Base of the authorization objects (QEMU's TYPE_QAUTHZ)."""
+class Authz(QOMObject, qom_type="authz", abstract=True):
+    """Base of the authorization objects (QEMU's TYPE_QAUTHZ). Their properties can
+    change at any time and apply to the next decision."""
 
     def is_allowed(self, identity: str) -> bool:
         raise NotImplementedError
 
 
-class AuthzSimple(Authz):
+_SIMPLE_PROPERTIES = (
+    Property("identity", "str", get=read_string("identity"), set=store("identity")),
+)
+
+
+class AuthzSimple(Authz, qom_type="authz-simple", interfaces=("user-creatable",),
+                  properties=_SIMPLE_PROPERTIES):
     """Allows exactly one identity."""
 
-    def __init__(self, opts: AuthZSimpleProperties) -> None:
-        self.identity = opts.identity
+    def __init__(self) -> None:
+        self.identity = ""
 
     def is_allowed(self, identity: str) -> bool:
         return identity == self.identity
 
 
-class AuthzList(Authz):
+_LIST_PROPERTIES = (
+    Property("policy", "QAuthZListPolicy", get=read_enum("policy"), set=store("policy")),
+    Property("rules", "[QAuthZListRule]", get=lambda obj: qapi.to_wire(obj.rules),
+             set=store("rules")),
+)
+
+
+class AuthzList(Authz, qom_type="authz-list", interfaces=("user-creatable",),
+                properties=_LIST_PROPERTIES):
     """The first matching rule decides; without one, the default policy does."""
 
-    def __init__(self, opts: AuthZListProperties) -> None:
-        self.allow = opts.policy is not None and opts.policy.value == "allow"
-        self.rules: list[QAuthZListRule] = list(opts.rules or [])
+    def __init__(self) -> None:
+        self.policy = QAuthZListPolicy.deny
+        self.rules: list[QAuthZListRule] = []
+
+    @classmethod
+    def from_options(cls, opts: AuthZListProperties) -> AuthzList:
+        authz = cls()
+        if opts.policy is not None:
+            authz.policy = opts.policy
+        authz.rules = list(opts.rules or [])
+        return authz
 
     def is_allowed(self, identity: str) -> bool:
         for rule in self.rules:
             glob = rule.format is not None and rule.format.value == "glob"
             if fnmatch.fnmatchcase(identity, rule.match) if glob else identity == rule.match:
                 return rule.policy.value == "allow"
-        return self.allow
+        return self.policy == QAuthZListPolicy.allow
 
 
-class AuthzListFile(Authz):
+_LIST_FILE_PROPERTIES = (
+    Property("filename", "str", get=read_string("filename"), set=store("filename")),
+    Property("refresh", "bool", get=attrgetter("refresh"), set=store("refresh")),
+)
+
+
+class AuthzListFile(Authz, qom_type="authz-list-file", interfaces=("user-creatable",),
+                    qapi_name="authz-listfile", properties=_LIST_FILE_PROPERTIES):
     """An authz-list read from a JSON file; with ``refresh`` (the default) a changed file
     is read again before the next decision, and while it cannot be read nothing is
     allowed."""
 
-    def __init__(self, opts: AuthZListFileProperties) -> None:
-        self.filename = opts.filename
-        self.refresh = opts.refresh is None or opts.refresh
+    def __init__(self) -> None:
+        self.filename = ""
+        self.refresh = True
+        self._stamp: tuple[int, int, int] | None = None
+        self._list: AuthzList | None = None
+
+    def complete(self) -> None:
         self._stamp = self._file_stamp()
-        self._list: AuthzList | None = self._load()
+        self._list = self._load()
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -85,7 +116,7 @@ class AuthzListFile(Authz):
             raise QMPError("JSON parse error") from None
         if not isinstance(value, dict):
             raise QMPError(f"File '{self.filename}' must contain a JSON object")
-        return AuthzList(qapi.parse_type("AuthZListProperties", value))
+        return AuthzList.from_options(qapi.parse_type("AuthZListProperties", value))
 
     def is_allowed(self, identity: str) -> bool:
         if self.refresh:

@@ -2,38 +2,41 @@
 
 Everything a command can create lives here, so shutdown can take it apart in QEMU's order:
 exports first (their events still reach the monitors), then the NBD server, block nodes,
-iothreads, and last the monitors and their chardevs.
+the objects (iothreads stop), and last the monitors and their chardevs.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import ChainMap
-from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 from qsd.block.graph import BlockGraph
 from qsd.chardev import Chardev
 from qsd.export.registry import ExportRegistry
 from qsd.iothread import IOThread
 from qsd.qmp.monitor import Monitor, event_message
+from qsd.qom.model import Container
 
 
 class Daemon:
     def __init__(self) -> None:
         self.graph = BlockGraph()
         self.exports = ExportRegistry(self)
-        self.iothreads: dict[str, IOThread] = {}
-        # Every other user-creatable object (secrets, TLS credentials, authz), by id;
-        # ids are one namespace with the iothreads'.
-        self.objects: dict[str, object] = {}
-        self.all_objects: Mapping[str, object] = ChainMap(
-            self.objects, cast("dict[str, object]", self.iothreads))
+        # The QOM tree: user-creatable objects live in /objects, by id.
+        self.qom_root = Container()
+        self.objects = Container()
+        for name, container in (("objects", self.objects), ("chardevs", Container()),
+                                ("backend", Container()), ("audiodevs", Container())):
+            self.qom_root.add_child(name, container)
         self.chardevs: dict[str, Chardev] = {}
         self.monitors: list[Monitor] = []
         self.nbd_server: Any = None
         self._shutdown_requested = asyncio.Event()
         self._shutdown_announced = False
+
+    @property
+    def iothreads(self) -> dict[str, IOThread]:
+        return {name: obj for name, obj in self.objects.items() if isinstance(obj, IOThread)}
 
     def start_monitors(self) -> None:
         """Like QEMU, monitors answer only once every command-line option was applied."""
@@ -68,9 +71,8 @@ class Daemon:
             await self.nbd_server.stop()
             self.nbd_server = None
         await self.graph.close_all()
-        for iothread in self.iothreads.values():
-            iothread.stop()
-        self.iothreads.clear()
+        for name in reversed(list(self.objects)):
+            self.objects.remove_child(name).finalize()
         for chardev in self.chardevs.values():
             await chardev.close()
         self.chardevs.clear()

@@ -44,7 +44,7 @@ async def _worker(blk: BlockBackend, base: int, stop: asyncio.Event, ref: bytear
 
 async def test_io_during_graph_changes(tmp_path: Path) -> None:
     set_main_context(asyncio.get_running_loop())
-    threads = [IOThread("stress0"), IOThread("stress1")]
+    threads = [IOThread.spawn("stress0"), IOThread.spawn("stress1")]
     graph = BlockGraph()
     size = 2 * WORKERS_PER_THREAD * BLOCKS * BLOCK
     img = tmp_path / "s.raw"

@@ -14,7 +14,7 @@ async def _where() -> str:
 
 
 def test_iothread_runs_and_stops() -> None:
-    t = IOThread("io-test", poll_max_ns=0)
+    t = IOThread.spawn("io-test", poll_max_ns=0)
     try:
         assert t.ctx.run(_where()).result(5) == "io-test"
         assert Path(f"/proc/self/task/{t.thread_id}/comm").read_text().strip() == "io-test"
@@ -26,12 +26,12 @@ def test_iothread_runs_and_stops() -> None:
         assert not t.in_use()
     finally:
         t.stop()
-    assert not t.thread.is_alive()
+    assert not t.ctx.thread.is_alive()
     assert iothread_of(t.ctx) is None
 
 
 async def test_ctx_call_from_main_loop() -> None:
-    t = IOThread("io-call")
+    t = IOThread.spawn("io-call")
     try:
         assert await t.ctx.call(_where()) == "io-call"
         done = asyncio.Event()

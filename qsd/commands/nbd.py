@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 def _tls_creds(daemon: Daemon, creds_id: str) -> TlsCreds:
     """QEMU's nbd_get_tls_creds()."""
     creds = daemon.objects.get(creds_id)
-    if creds is None and creds_id not in daemon.iothreads:
+    if creds is None:
         raise QMPError(f"No TLS credentials with id '{creds_id}'")
     if not isinstance(creds, TlsCreds):
         raise QMPError(f"Object with id '{creds_id}' is not TLS credentials")
@@ -56,7 +56,7 @@ async def _start(daemon: Daemon, addr: dict[str, Any], args: NbdServerOptionsBas
             raise
         # The server keeps these credentials even if object-del removes their id, as
         # QEMU's server keeps its reference.
-        server.tls = TlsPolicy(creds, args.tls_authz, daemon.all_objects)
+        server.tls = TlsPolicy(creds, args.tls_authz, daemon.objects)
     daemon.nbd_server = server
 
 

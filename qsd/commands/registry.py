@@ -21,7 +21,7 @@ HANDLERS: dict[str, Handler] = {}
 COMMAND_MODULES = (
     "control",
     "char",
-    "objects",
+    "qom",
     "block_core",
     "block_export",
     "nbd",

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from qsd.errors import QMPError
-from qsd.qapi.generated import SecretProperties
+from qsd.qapi.generated import QCryptoSecretFormat
+from qsd.qom.model import Property, QOMObject, read_enum, read_string, store
 
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _BASE64_VALID = frozenset(_BASE64_ALPHABET + b"=\n")
@@ -47,32 +48,64 @@ def base64_decode(text: bytes) -> bytes:
     return bytes(out)
 
 
-class Secret:
-    """``--object secret,id=...``: the decoded bytes are kept from creation on."""
+_SECRET_COMMON_PROPERTIES = (
+    Property("format", "QCryptoSecretFormat", get=read_enum("format"), set=store("format")),
+    Property("keyid", "str", get=read_string("keyid"), set=store("keyid")),
+    Property("iv", "str", get=read_string("iv"), set=store("iv")),
+)
 
-    def __init__(self, id: str, value: bytes) -> None:
-        self.id = id
-        self.value = value
 
-    @classmethod
-    def from_options(cls, secret_id: str, opts: SecretProperties,
-                     objects: Mapping[str, object]) -> Secret:
-        if opts.data is not None and opts.file is not None:
-            raise QMPError("'file' and 'data' are mutually exclusive")
-        if opts.data is not None:
-            raw = opts.data.encode()
-        elif opts.file is not None:
-            raw = _read_file(opts.file)
-        else:
-            raise QMPError("Either 'file' or 'data' must be provided")
-        base64 = opts.format is not None and opts.format.value == "base64"
-        if opts.keyid is not None:
-            value = _decrypt(raw, lookup_secret(objects, opts.keyid), opts.iv, base64)
+class SecretCommon(QOMObject, qom_type="secret_common", abstract=True,
+                   interfaces=("user-creatable",), properties=_SECRET_COMMON_PROPERTIES):
+    """What every kind of secret has: how its stored form is encoded and encrypted.
+    The value is loaded once, on completion; later property changes do not reload it
+    (as in QEMU)."""
+
+    def __init__(self) -> None:
+        self.format = QCryptoSecretFormat.raw
+        self.keyid: str | None = None
+        self.iv: str | None = None
+        self.value = b""
+
+    def load_raw(self) -> bytes:
+        """The stored form of the secret."""
+        raise NotImplementedError
+
+    def complete(self) -> None:
+        raw = self.load_raw()
+        base64 = self.format == QCryptoSecretFormat.base64
+        if self.keyid is not None:
+            assert self.qom_parent is not None
+            self.value = _decrypt(raw, lookup_secret(self.qom_parent, self.keyid), self.iv,
+                                  base64)
         elif base64:
-            value = base64_decode(raw)
+            self.value = base64_decode(raw)
         else:
-            value = raw
-        return cls(secret_id, value)
+            self.value = raw
+
+
+_SECRET_PROPERTIES = (
+    Property("data", "str", get=read_string("data"), set=store("data")),
+    Property("file", "str", get=read_string("file"), set=store("file")),
+)
+
+
+class Secret(SecretCommon, qom_type="secret", properties=_SECRET_PROPERTIES):
+    """``--object secret,id=...,data=...`` or ``file=...``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: str | None = None
+        self.file: str | None = None
+
+    def load_raw(self) -> bytes:
+        if self.data is not None and self.file is not None:
+            raise QMPError("'file' and 'data' are mutually exclusive")
+        if self.data is not None:
+            return self.data.encode()
+        if self.file is not None:
+            return _read_file(self.file)
+        raise QMPError("Either 'file' or 'data' must be provided")
 
 
 def _read_file(path: str) -> bytes:
@@ -110,7 +143,7 @@ def lookup_secret(objects: Mapping[str, object], secret_id: str) -> bytes:
     obj = objects.get(secret_id)
     if obj is None:
         raise QMPError(f"No secret with id '{secret_id}'")
-    if not isinstance(obj, Secret):
+    if not isinstance(obj, SecretCommon):
         raise QMPError(f"Object with id '{secret_id}' is not a secret")
     return obj.value
 

@@ -13,6 +13,7 @@ import os
 import ssl
 import sys
 from collections.abc import Mapping
+from operator import attrgetter
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -22,7 +23,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from qsd.crypto.engine import SslObjectEngine, TlsEngine, Versions, stdlib_psk_engine
 from qsd.crypto.secret import lookup_secret_utf8
 from qsd.errors import QMPError
-from qsd.qapi.generated import TlsCredsProperties, TlsCredsPskProperties, TlsCredsX509Properties
+from qsd.qapi.generated import QCryptoTLSCredsEndpoint
+from qsd.qom.model import Property, QOMObject, read_enum, read_string, store
 
 _PEM = Encoding.PEM
 _IDENTITY_MAX = 16  # server-cert-N.pem / client-cert-N.pem, as QEMU numbers them
@@ -34,19 +36,30 @@ def dn_string(name: x509.Name) -> str:
     return ",".join(rdn.rfc4514_string() for rdn in name.rdns)
 
 
-class TlsCreds:
-    """What every TLS credentials object has (QEMU's TYPE_QCRYPTO_TLS_CREDS)."""
+_TLS_CREDS_PROPERTIES = (
+    Property("verify-peer", "bool", get=attrgetter("verify_peer"), set=store("verify_peer")),
+    Property("dir", "str", get=read_string("dir"), set=store("dir")),
+    Property("endpoint", "QCryptoTLSCredsEndpoint", get=read_enum("endpoint"),
+             set=store("endpoint")),
+    Property("priority", "str", get=read_string("priority"), set=store("priority")),
+)
 
-    def __init__(self, creds_id: str, opts: TlsCredsProperties) -> None:
-        self.id = creds_id
-        self.dir = opts.dir
-        self.endpoint = "client" if opts.endpoint is None else opts.endpoint.value
-        self.verify_peer = opts.verify_peer is None or opts.verify_peer
-        self.priority = opts.priority
+
+class TlsCreds(QOMObject, qom_type="tls-creds", abstract=True, properties=_TLS_CREDS_PROPERTIES):
+    """What every TLS credentials object has (QEMU's TYPE_QCRYPTO_TLS_CREDS).
+
+    The files are read on completion; changing ``dir`` later does not reload them, while
+    ``endpoint`` and ``verify-peer`` are read where they are used (as in QEMU)."""
+
+    def __init__(self) -> None:
+        self.verify_peer = True
+        self.dir: str | None = None
+        self.endpoint = QCryptoTLSCredsEndpoint.client
+        self.priority: str | None = None
 
     @property
     def is_server(self) -> bool:
-        return self.endpoint == "server"
+        return self.endpoint == QCryptoTLSCredsEndpoint.server
 
     def _path(self, name: str, required: bool) -> str | None:
         """QEMU's qcrypto_tls_creds_get_path(): None for a missing optional file."""
@@ -114,15 +127,26 @@ class _Identity:
         self.certs = certs
 
 
-class TlsCredsX509(TlsCreds):
+_X509_PROPERTIES = (
+    Property("sanity-check", "bool", get=attrgetter("sanity_check"),
+             set=store("sanity_check")),
+    Property("passwordid", "str", get=read_string("passwordid"), set=store("passwordid")),
+)
+
+
+class TlsCredsX509(TlsCreds, qom_type="tls-creds-x509", interfaces=("user-creatable",),
+                   properties=_X509_PROPERTIES):
     """``tls-creds-x509``: ca-cert.pem, server-cert.pem/server-key.pem (or the client
     pair), optional ca-crl.pem and dh-params.pem, in ``dir``."""
 
-    def __init__(self, creds_id: str, opts: TlsCredsX509Properties,
-                 objects: Mapping[str, object]) -> None:
-        super().__init__(creds_id, opts)
-        self.sanity_check = opts.sanity_check is None or opts.sanity_check
-        self.passwordid = opts.passwordid
+    def __init__(self) -> None:
+        super().__init__()
+        self.sanity_check = True
+        self.passwordid: str | None = None
+
+    def complete(self) -> None:
+        assert self.qom_parent is not None
+        objects = self.qom_parent
         if self.dir is None:
             raise QMPError("Missing 'dir' property value")
         ca_path = self._path("ca-cert.pem", True)
@@ -285,16 +309,25 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-class TlsCredsPsk(TlsCreds):
+_PSK_PROPERTIES = (
+    Property("username", "str", get=read_string("username"), set=store("username")),
+)
+
+
+class TlsCredsPsk(TlsCreds, qom_type="tls-creds-psk", interfaces=("user-creatable",),
+                  properties=_PSK_PROPERTIES):
     """``tls-creds-psk``: ``dir/keys.psk`` holds ``username:hexkey`` lines; a client
     uses the key of ``username`` (default ``qemu``), a server accepts any listed user."""
 
-    def __init__(self, creds_id: str, opts: TlsCredsPskProperties) -> None:
-        super().__init__(creds_id, opts)
+    def __init__(self) -> None:
+        super().__init__()
+        self.username: str | None = None
+
+    def complete(self) -> None:
         if self.dir is None:
             raise QMPError("Missing 'dir' property value")
         if self.is_server:
-            if opts.username is not None:
+            if self.username is not None:
                 raise QMPError("username should not be set when endpoint=server")
             path = self._path("keys.psk", True)
             assert path is not None
@@ -304,7 +337,7 @@ class TlsCredsPsk(TlsCreds):
             path = self._path("keys.psk", True)
             assert path is not None
             self.keys_path = path
-            username = "qemu" if opts.username is None else opts.username
+            username = "qemu" if self.username is None else self.username
             if username not in self.read_keys():
                 raise QMPError(f"Username {username} not found in PSK file {path}")
 

@@ -26,6 +26,7 @@ __all__ = [
     "command_names",
     "parse_command_args",
     "parse_type",
+    "present_members",
     "schema_introspection",
     "to_wire",
 ]
@@ -61,22 +62,37 @@ def parse_command_args(command: str, arguments: dict[str, Any]) -> BaseModel | N
     return result
 
 
-def parse_type(type_name: str, value: object, *, keyval: bool = False) -> Any:
+def parse_type(type_name: str, value: object, *, keyval: bool = False,
+               name: str | None = None) -> Any:
     """Validates `value` as QAPI type `type_name` (a struct, union, alternate, enum,
     builtin or '[Elem]' array) and returns the model or Python value.
 
     With keyval=True the value comes from QEMU's keyval command-line syntax: scalars
-    are strings converted per schema type, with QEMU's keyval error texts.
+    are strings converted per schema type, with QEMU's keyval error texts.  `name` is
+    what errors call the value itself (a QOM property's name; members are 'name.x').
     """
     if (not type_name.startswith("[") and type_name not in generated.TYPES
             and type_name not in generated.ALTERNATES and type_name not in BUILTIN_TYPES):
         raise KeyError(f"unknown QAPI type {type_name!r}")
-    return Visitor(keyval=keyval).visit(type_name, None, value)
+    return Visitor(keyval=keyval).visit(type_name, name, value)
 
 
 def schema_introspection() -> list[dict[str, object]]:
     """query-qmp-schema's reply (a fresh copy the caller may keep or change)."""
     return copy.deepcopy(SCHEMA)
+
+
+def present_members(model: QAPIModel) -> list[tuple[str, Any]]:
+    """(wire name, value) of the members a struct was given, in schema order."""
+    result = []
+    for member in type(model).__qapi_members__:
+        if member.attr not in model.model_fields_set:
+            continue
+        value = getattr(model, member.attr)
+        if value is None and member.optional and member.type not in ("null", "any"):
+            continue    # None is how Python spells "absent" for these
+        result.append((member.wire, value))
+    return result
 
 
 def to_wire(model: Any) -> Any:
@@ -87,16 +103,7 @@ def to_wire(model: Any) -> Any:
     members.
     """
     if isinstance(model, QAPIModel):
-        members = type(model).__qapi_members__
-        result: dict[str, Any] = {}
-        for member in members:
-            if member.attr not in model.model_fields_set:
-                continue
-            value = getattr(model, member.attr)
-            if value is None and member.optional and member.type not in ("null", "any"):
-                continue    # None is how Python spells "absent" for these
-            result[member.wire] = to_wire(value)
-        return result
+        return {wire: to_wire(value) for wire, value in present_members(model)}
     if isinstance(model, BaseModel):
         return model.model_dump(by_alias=True, exclude_unset=True)
     if isinstance(model, enum.Enum):

@@ -224,6 +224,7 @@ class ObjectType(enum.StrEnum):
     authz_simple = 'authz-simple'
     iothread = 'iothread'
     secret = 'secret'
+    throttle_group = 'throttle-group'
     tls_creds_psk = 'tls-creds-psk'
     tls_creds_x509 = 'tls-creds-x509'
 
@@ -845,6 +846,52 @@ class XBlockdevSetIothreadArgs(_base.QAPIModel):
         _base.MemberSpec('node-name', 'node_name', 'str', False),
         _base.MemberSpec('iothread', 'iothread', 'StrOrNull', False),
         _base.MemberSpec('force', 'force', 'bool', True),
+    )
+
+
+class ThrottleLimits(_base.QAPIModel):
+    """QAPI struct ThrottleLimits."""
+
+    iops_total: builtins.int | None = Field(default=None, alias='iops-total')
+    iops_total_max: builtins.int | None = Field(default=None, alias='iops-total-max')
+    iops_total_max_length: builtins.int | None = Field(default=None, alias='iops-total-max-length')
+    iops_read: builtins.int | None = Field(default=None, alias='iops-read')
+    iops_read_max: builtins.int | None = Field(default=None, alias='iops-read-max')
+    iops_read_max_length: builtins.int | None = Field(default=None, alias='iops-read-max-length')
+    iops_write: builtins.int | None = Field(default=None, alias='iops-write')
+    iops_write_max: builtins.int | None = Field(default=None, alias='iops-write-max')
+    iops_write_max_length: builtins.int | None = Field(default=None, alias='iops-write-max-length')
+    bps_total: builtins.int | None = Field(default=None, alias='bps-total')
+    bps_total_max: builtins.int | None = Field(default=None, alias='bps-total-max')
+    bps_total_max_length: builtins.int | None = Field(default=None, alias='bps-total-max-length')
+    bps_read: builtins.int | None = Field(default=None, alias='bps-read')
+    bps_read_max: builtins.int | None = Field(default=None, alias='bps-read-max')
+    bps_read_max_length: builtins.int | None = Field(default=None, alias='bps-read-max-length')
+    bps_write: builtins.int | None = Field(default=None, alias='bps-write')
+    bps_write_max: builtins.int | None = Field(default=None, alias='bps-write-max')
+    bps_write_max_length: builtins.int | None = Field(default=None, alias='bps-write-max-length')
+    iops_size: builtins.int | None = Field(default=None, alias='iops-size')
+
+    __qapi_members__ = (
+        _base.MemberSpec('iops-total', 'iops_total', 'int', True),
+        _base.MemberSpec('iops-total-max', 'iops_total_max', 'int', True),
+        _base.MemberSpec('iops-total-max-length', 'iops_total_max_length', 'int', True),
+        _base.MemberSpec('iops-read', 'iops_read', 'int', True),
+        _base.MemberSpec('iops-read-max', 'iops_read_max', 'int', True),
+        _base.MemberSpec('iops-read-max-length', 'iops_read_max_length', 'int', True),
+        _base.MemberSpec('iops-write', 'iops_write', 'int', True),
+        _base.MemberSpec('iops-write-max', 'iops_write_max', 'int', True),
+        _base.MemberSpec('iops-write-max-length', 'iops_write_max_length', 'int', True),
+        _base.MemberSpec('bps-total', 'bps_total', 'int', True),
+        _base.MemberSpec('bps-total-max', 'bps_total_max', 'int', True),
+        _base.MemberSpec('bps-total-max-length', 'bps_total_max_length', 'int', True),
+        _base.MemberSpec('bps-read', 'bps_read', 'int', True),
+        _base.MemberSpec('bps-read-max', 'bps_read_max', 'int', True),
+        _base.MemberSpec('bps-read-max-length', 'bps_read_max_length', 'int', True),
+        _base.MemberSpec('bps-write', 'bps_write', 'int', True),
+        _base.MemberSpec('bps-write-max', 'bps_write_max', 'int', True),
+        _base.MemberSpec('bps-write-max-length', 'bps_write_max_length', 'int', True),
+        _base.MemberSpec('iops-size', 'iops_size', 'int', True),
     )
 
 
@@ -1974,6 +2021,7 @@ class IothreadProperties(EventLoopBaseProperties):
     poll_max_ns: builtins.int | None = Field(default=None, alias='poll-max-ns')
     poll_grow: builtins.int | None = Field(default=None, alias='poll-grow')
     poll_shrink: builtins.int | None = Field(default=None, alias='poll-shrink')
+    poll_weight: builtins.int | None = Field(default=None, alias='poll-weight')
 
     __qapi_members__ = (
         _base.MemberSpec('aio-max-batch', 'aio_max_batch', 'int', True),
@@ -1982,6 +2030,55 @@ class IothreadProperties(EventLoopBaseProperties):
         _base.MemberSpec('poll-max-ns', 'poll_max_ns', 'int', True),
         _base.MemberSpec('poll-grow', 'poll_grow', 'int', True),
         _base.MemberSpec('poll-shrink', 'poll_shrink', 'int', True),
+        _base.MemberSpec('poll-weight', 'poll_weight', 'int', True),
+    )
+
+
+class ThrottleGroupProperties(_base.QAPIModel):
+    """QAPI struct ThrottleGroupProperties."""
+
+    limits: ThrottleLimits | None = None
+    x_iops_total: builtins.int | None = Field(default=None, alias='x-iops-total')
+    x_iops_total_max: builtins.int | None = Field(default=None, alias='x-iops-total-max')
+    x_iops_total_max_length: builtins.int | None = Field(default=None, alias='x-iops-total-max-length')
+    x_iops_read: builtins.int | None = Field(default=None, alias='x-iops-read')
+    x_iops_read_max: builtins.int | None = Field(default=None, alias='x-iops-read-max')
+    x_iops_read_max_length: builtins.int | None = Field(default=None, alias='x-iops-read-max-length')
+    x_iops_write: builtins.int | None = Field(default=None, alias='x-iops-write')
+    x_iops_write_max: builtins.int | None = Field(default=None, alias='x-iops-write-max')
+    x_iops_write_max_length: builtins.int | None = Field(default=None, alias='x-iops-write-max-length')
+    x_bps_total: builtins.int | None = Field(default=None, alias='x-bps-total')
+    x_bps_total_max: builtins.int | None = Field(default=None, alias='x-bps-total-max')
+    x_bps_total_max_length: builtins.int | None = Field(default=None, alias='x-bps-total-max-length')
+    x_bps_read: builtins.int | None = Field(default=None, alias='x-bps-read')
+    x_bps_read_max: builtins.int | None = Field(default=None, alias='x-bps-read-max')
+    x_bps_read_max_length: builtins.int | None = Field(default=None, alias='x-bps-read-max-length')
+    x_bps_write: builtins.int | None = Field(default=None, alias='x-bps-write')
+    x_bps_write_max: builtins.int | None = Field(default=None, alias='x-bps-write-max')
+    x_bps_write_max_length: builtins.int | None = Field(default=None, alias='x-bps-write-max-length')
+    x_iops_size: builtins.int | None = Field(default=None, alias='x-iops-size')
+
+    __qapi_members__ = (
+        _base.MemberSpec('limits', 'limits', 'ThrottleLimits', True),
+        _base.MemberSpec('x-iops-total', 'x_iops_total', 'int', True),
+        _base.MemberSpec('x-iops-total-max', 'x_iops_total_max', 'int', True),
+        _base.MemberSpec('x-iops-total-max-length', 'x_iops_total_max_length', 'int', True),
+        _base.MemberSpec('x-iops-read', 'x_iops_read', 'int', True),
+        _base.MemberSpec('x-iops-read-max', 'x_iops_read_max', 'int', True),
+        _base.MemberSpec('x-iops-read-max-length', 'x_iops_read_max_length', 'int', True),
+        _base.MemberSpec('x-iops-write', 'x_iops_write', 'int', True),
+        _base.MemberSpec('x-iops-write-max', 'x_iops_write_max', 'int', True),
+        _base.MemberSpec('x-iops-write-max-length', 'x_iops_write_max_length', 'int', True),
+        _base.MemberSpec('x-bps-total', 'x_bps_total', 'int', True),
+        _base.MemberSpec('x-bps-total-max', 'x_bps_total_max', 'int', True),
+        _base.MemberSpec('x-bps-total-max-length', 'x_bps_total_max_length', 'int', True),
+        _base.MemberSpec('x-bps-read', 'x_bps_read', 'int', True),
+        _base.MemberSpec('x-bps-read-max', 'x_bps_read_max', 'int', True),
+        _base.MemberSpec('x-bps-read-max-length', 'x_bps_read_max_length', 'int', True),
+        _base.MemberSpec('x-bps-write', 'x_bps_write', 'int', True),
+        _base.MemberSpec('x-bps-write-max', 'x_bps_write_max', 'int', True),
+        _base.MemberSpec('x-bps-write-max-length', 'x_bps_write_max_length', 'int', True),
+        _base.MemberSpec('x-iops-size', 'x_iops_size', 'int', True),
     )
 
 
@@ -2055,6 +2152,7 @@ class ObjectOptionsVariantIothread(ObjectOptions, IothreadProperties):
     poll_max_ns: builtins.int | None = Field(default=None, alias='poll-max-ns')
     poll_grow: builtins.int | None = Field(default=None, alias='poll-grow')
     poll_shrink: builtins.int | None = Field(default=None, alias='poll-shrink')
+    poll_weight: builtins.int | None = Field(default=None, alias='poll-weight')
 
     __qapi_members__ = (
         _base.MemberSpec('qom-type', 'qom_type', 'ObjectType', False),
@@ -2065,6 +2163,7 @@ class ObjectOptionsVariantIothread(ObjectOptions, IothreadProperties):
         _base.MemberSpec('poll-max-ns', 'poll_max_ns', 'int', True),
         _base.MemberSpec('poll-grow', 'poll_grow', 'int', True),
         _base.MemberSpec('poll-shrink', 'poll_shrink', 'int', True),
+        _base.MemberSpec('poll-weight', 'poll_weight', 'int', True),
     )
 
 
@@ -2087,6 +2186,58 @@ class ObjectOptionsVariantSecret(ObjectOptions, SecretProperties):
         _base.MemberSpec('iv', 'iv', 'str', True),
         _base.MemberSpec('data', 'data', 'str', True),
         _base.MemberSpec('file', 'file', 'str', True),
+    )
+
+
+class ObjectOptionsVariantThrottleGroup(ObjectOptions, ThrottleGroupProperties):
+    """ObjectOptions with qom-type 'throttle-group'."""
+
+    qom_type: ObjectType = Field(alias='qom-type')
+    id: builtins.str
+    limits: ThrottleLimits | None = None
+    x_iops_total: builtins.int | None = Field(default=None, alias='x-iops-total')
+    x_iops_total_max: builtins.int | None = Field(default=None, alias='x-iops-total-max')
+    x_iops_total_max_length: builtins.int | None = Field(default=None, alias='x-iops-total-max-length')
+    x_iops_read: builtins.int | None = Field(default=None, alias='x-iops-read')
+    x_iops_read_max: builtins.int | None = Field(default=None, alias='x-iops-read-max')
+    x_iops_read_max_length: builtins.int | None = Field(default=None, alias='x-iops-read-max-length')
+    x_iops_write: builtins.int | None = Field(default=None, alias='x-iops-write')
+    x_iops_write_max: builtins.int | None = Field(default=None, alias='x-iops-write-max')
+    x_iops_write_max_length: builtins.int | None = Field(default=None, alias='x-iops-write-max-length')
+    x_bps_total: builtins.int | None = Field(default=None, alias='x-bps-total')
+    x_bps_total_max: builtins.int | None = Field(default=None, alias='x-bps-total-max')
+    x_bps_total_max_length: builtins.int | None = Field(default=None, alias='x-bps-total-max-length')
+    x_bps_read: builtins.int | None = Field(default=None, alias='x-bps-read')
+    x_bps_read_max: builtins.int | None = Field(default=None, alias='x-bps-read-max')
+    x_bps_read_max_length: builtins.int | None = Field(default=None, alias='x-bps-read-max-length')
+    x_bps_write: builtins.int | None = Field(default=None, alias='x-bps-write')
+    x_bps_write_max: builtins.int | None = Field(default=None, alias='x-bps-write-max')
+    x_bps_write_max_length: builtins.int | None = Field(default=None, alias='x-bps-write-max-length')
+    x_iops_size: builtins.int | None = Field(default=None, alias='x-iops-size')
+
+    __qapi_members__ = (
+        _base.MemberSpec('qom-type', 'qom_type', 'ObjectType', False),
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('limits', 'limits', 'ThrottleLimits', True),
+        _base.MemberSpec('x-iops-total', 'x_iops_total', 'int', True),
+        _base.MemberSpec('x-iops-total-max', 'x_iops_total_max', 'int', True),
+        _base.MemberSpec('x-iops-total-max-length', 'x_iops_total_max_length', 'int', True),
+        _base.MemberSpec('x-iops-read', 'x_iops_read', 'int', True),
+        _base.MemberSpec('x-iops-read-max', 'x_iops_read_max', 'int', True),
+        _base.MemberSpec('x-iops-read-max-length', 'x_iops_read_max_length', 'int', True),
+        _base.MemberSpec('x-iops-write', 'x_iops_write', 'int', True),
+        _base.MemberSpec('x-iops-write-max', 'x_iops_write_max', 'int', True),
+        _base.MemberSpec('x-iops-write-max-length', 'x_iops_write_max_length', 'int', True),
+        _base.MemberSpec('x-bps-total', 'x_bps_total', 'int', True),
+        _base.MemberSpec('x-bps-total-max', 'x_bps_total_max', 'int', True),
+        _base.MemberSpec('x-bps-total-max-length', 'x_bps_total_max_length', 'int', True),
+        _base.MemberSpec('x-bps-read', 'x_bps_read', 'int', True),
+        _base.MemberSpec('x-bps-read-max', 'x_bps_read_max', 'int', True),
+        _base.MemberSpec('x-bps-read-max-length', 'x_bps_read_max_length', 'int', True),
+        _base.MemberSpec('x-bps-write', 'x_bps_write', 'int', True),
+        _base.MemberSpec('x-bps-write-max', 'x_bps_write_max', 'int', True),
+        _base.MemberSpec('x-bps-write-max-length', 'x_bps_write_max_length', 'int', True),
+        _base.MemberSpec('x-iops-size', 'x_iops_size', 'int', True),
     )
 
 
@@ -2146,6 +2297,128 @@ class ObjectDelArgs(_base.QAPIModel):
     )
 
 
+class ObjectPropertyInfo(_base.QAPIModel):
+    """QAPI struct ObjectPropertyInfo."""
+
+    name: builtins.str
+    type: builtins.str
+    description: builtins.str | None = None
+    default_value: typing.Any | None = Field(default=None, alias='default-value')
+
+    __qapi_members__ = (
+        _base.MemberSpec('name', 'name', 'str', False),
+        _base.MemberSpec('type', 'type', 'str', False),
+        _base.MemberSpec('description', 'description', 'str', True),
+        _base.MemberSpec('default-value', 'default_value', 'any', True),
+    )
+
+
+class QomListArgs(_base.QAPIModel):
+    """QAPI arguments of QomListArgs."""
+
+    path: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('path', 'path', 'str', False),
+    )
+
+
+class ObjectPropertyValue(_base.QAPIModel):
+    """QAPI struct ObjectPropertyValue."""
+
+    name: builtins.str
+    type: builtins.str
+    value: typing.Any | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('name', 'name', 'str', False),
+        _base.MemberSpec('type', 'type', 'str', False),
+        _base.MemberSpec('value', 'value', 'any', True),
+    )
+
+
+class ObjectPropertiesValues(_base.QAPIModel):
+    """QAPI struct ObjectPropertiesValues."""
+
+    properties: list[ObjectPropertyValue]
+
+    __qapi_members__ = (
+        _base.MemberSpec('properties', 'properties', '[ObjectPropertyValue]', False),
+    )
+
+
+class QomListGetArgs(_base.QAPIModel):
+    """QAPI arguments of QomListGetArgs."""
+
+    paths: list[builtins.str]
+
+    __qapi_members__ = (
+        _base.MemberSpec('paths', 'paths', '[str]', False),
+    )
+
+
+class QomGetArgs(_base.QAPIModel):
+    """QAPI arguments of QomGetArgs."""
+
+    path: builtins.str
+    property: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('path', 'path', 'str', False),
+        _base.MemberSpec('property', 'property', 'str', False),
+    )
+
+
+class QomSetArgs(_base.QAPIModel):
+    """QAPI arguments of QomSetArgs."""
+
+    path: builtins.str
+    property: builtins.str
+    value: typing.Any
+
+    __qapi_members__ = (
+        _base.MemberSpec('path', 'path', 'str', False),
+        _base.MemberSpec('property', 'property', 'str', False),
+        _base.MemberSpec('value', 'value', 'any', False),
+    )
+
+
+class ObjectTypeInfo(_base.QAPIModel):
+    """QAPI struct ObjectTypeInfo."""
+
+    name: builtins.str
+    abstract: builtins.bool | None = None
+    parent: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('name', 'name', 'str', False),
+        _base.MemberSpec('abstract', 'abstract', 'bool', True),
+        _base.MemberSpec('parent', 'parent', 'str', True),
+    )
+
+
+class QomListTypesArgs(_base.QAPIModel):
+    """QAPI arguments of QomListTypesArgs."""
+
+    implements: builtins.str | None = None
+    abstract: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('implements', 'implements', 'str', True),
+        _base.MemberSpec('abstract', 'abstract', 'bool', True),
+    )
+
+
+class QomListPropertiesArgs(_base.QAPIModel):
+    """QAPI arguments of QomListPropertiesArgs."""
+
+    typename: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('typename', 'typename', 'str', False),
+    )
+
+
 class NbdServerStartArgs(NbdServerOptionsLegacy):
     """Arguments of the command: a NbdServerOptionsLegacy."""
 
@@ -2165,7 +2438,7 @@ SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': Soc
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'fuse': BlockExportOptionsVariantFuse}
 ChardevBackend.__qapi_variants__ = {'file': ChardevBackendVariantFile, 'socket': ChardevBackendVariantSocket, 'null': ChardevBackendVariantNull, 'stdio': ChardevBackendVariantStdio}
 SchemaInfo.__qapi_variants__ = {'builtin': SchemaInfoVariantBuiltin, 'enum': SchemaInfoVariantEnum, 'array': SchemaInfoVariantArray, 'object': SchemaInfoVariantObject, 'alternate': SchemaInfoVariantAlternate, 'command': SchemaInfoVariantCommand, 'event': SchemaInfoVariantEvent}
-ObjectOptions.__qapi_variants__ = {'authz-list': ObjectOptionsVariantAuthzList, 'authz-listfile': ObjectOptionsVariantAuthzListfile, 'authz-simple': ObjectOptionsVariantAuthzSimple, 'iothread': ObjectOptionsVariantIothread, 'secret': ObjectOptionsVariantSecret, 'tls-creds-psk': ObjectOptionsVariantTlsCredsPsk, 'tls-creds-x509': ObjectOptionsVariantTlsCredsX509}
+ObjectOptions.__qapi_variants__ = {'authz-list': ObjectOptionsVariantAuthzList, 'authz-listfile': ObjectOptionsVariantAuthzListfile, 'authz-simple': ObjectOptionsVariantAuthzSimple, 'iothread': ObjectOptionsVariantIothread, 'secret': ObjectOptionsVariantSecret, 'throttle-group': ObjectOptionsVariantThrottleGroup, 'tls-creds-psk': ObjectOptionsVariantTlsCredsPsk, 'tls-creds-x509': ObjectOptionsVariantTlsCredsX509}
 
 for _cls in (
     QAuthZListRule,
@@ -2200,6 +2473,7 @@ for _cls in (
     BlockdevOptionsVariantRaw,
     BlockdevDelArgs,
     XBlockdevSetIothreadArgs,
+    ThrottleLimits,
     InetSocketAddressBase,
     InetSocketAddress,
     UnixSocketAddress,
@@ -2281,15 +2555,27 @@ for _cls in (
     SchemaInfoAlternateMember,
     EventLoopBaseProperties,
     IothreadProperties,
+    ThrottleGroupProperties,
     ObjectOptions,
     ObjectOptionsVariantAuthzList,
     ObjectOptionsVariantAuthzListfile,
     ObjectOptionsVariantAuthzSimple,
     ObjectOptionsVariantIothread,
     ObjectOptionsVariantSecret,
+    ObjectOptionsVariantThrottleGroup,
     ObjectOptionsVariantTlsCredsPsk,
     ObjectOptionsVariantTlsCredsX509,
     ObjectDelArgs,
+    ObjectPropertyInfo,
+    QomListArgs,
+    ObjectPropertyValue,
+    ObjectPropertiesValues,
+    QomListGetArgs,
+    QomGetArgs,
+    QomSetArgs,
+    ObjectTypeInfo,
+    QomListTypesArgs,
+    QomListPropertiesArgs,
     NbdServerStartArgs,
 ):
     _cls.model_rebuild()
@@ -2334,6 +2620,7 @@ TYPES: dict[str, type] = {
     'BlockdevOptions': BlockdevOptions,
     'BlockdevDelArgs': BlockdevDelArgs,
     'XBlockdevSetIothreadArgs': XBlockdevSetIothreadArgs,
+    'ThrottleLimits': ThrottleLimits,
     'IoOperationType': IoOperationType,
     'OnOffAuto': OnOffAuto,
     'OnOffSplit': OnOffSplit,
@@ -2409,9 +2696,20 @@ TYPES: dict[str, type] = {
     'SchemaInfoEvent': SchemaInfoEvent,
     'EventLoopBaseProperties': EventLoopBaseProperties,
     'IothreadProperties': IothreadProperties,
+    'ThrottleGroupProperties': ThrottleGroupProperties,
     'ObjectType': ObjectType,
     'ObjectOptions': ObjectOptions,
     'ObjectDelArgs': ObjectDelArgs,
+    'ObjectPropertyInfo': ObjectPropertyInfo,
+    'QomListArgs': QomListArgs,
+    'ObjectPropertyValue': ObjectPropertyValue,
+    'ObjectPropertiesValues': ObjectPropertiesValues,
+    'QomListGetArgs': QomListGetArgs,
+    'QomGetArgs': QomGetArgs,
+    'QomSetArgs': QomSetArgs,
+    'ObjectTypeInfo': ObjectTypeInfo,
+    'QomListTypesArgs': QomListTypesArgs,
+    'QomListPropertiesArgs': QomListPropertiesArgs,
     'NbdServerStartArgs': NbdServerStartArgs,
 }
 
@@ -2450,6 +2748,12 @@ COMMANDS: dict[str, _base.CommandInfo] = {
     'query-qmp-schema': _base.CommandInfo('query-qmp-schema', None, False, False, '[SchemaInfo]', ()),
     'object-add': _base.CommandInfo('object-add', 'ObjectOptions', True, False, None, ()),
     'object-del': _base.CommandInfo('object-del', 'ObjectDelArgs', False, False, None, ()),
+    'qom-list': _base.CommandInfo('qom-list', 'QomListArgs', False, False, '[ObjectPropertyInfo]', ()),
+    'qom-list-get': _base.CommandInfo('qom-list-get', 'QomListGetArgs', False, False, '[ObjectPropertiesValues]', ()),
+    'qom-get': _base.CommandInfo('qom-get', 'QomGetArgs', False, False, 'any', ()),
+    'qom-set': _base.CommandInfo('qom-set', 'QomSetArgs', False, False, None, ()),
+    'qom-list-types': _base.CommandInfo('qom-list-types', 'QomListTypesArgs', False, False, '[ObjectTypeInfo]', ()),
+    'qom-list-properties': _base.CommandInfo('qom-list-properties', 'QomListPropertiesArgs', False, False, '[ObjectPropertyInfo]', ()),
 }
 
 #: Every event with the class of its data (None: no data).

@@ -1,15 +1,15 @@
-"""Which unexpected member QEMU names first when there are several.
+"""The iteration orders of QEMU's QDict and of GLib's string-keyed GHashTable.
 
-QEMU keeps a struct's not-yet-visited keys in a GLib hash table filled in QDict
-iteration order, removes keys as members are visited, and reports the first key the
-table's iterator yields.  Both orders are deterministic functions of the key
-strings, so this module replays QDict's bucket order and GHashTable's open
-addressing (including its resizes) to name the same member QEMU names.
+Both are deterministic functions of the keys and of the history of insertions and
+removals, and both show on the wire: QEMU reports the first not-yet-visited member of a
+struct as unexpected (a GHashTable filled in QDict order), sets an object's properties in
+QDict order, and lists QOM properties and children in GHashTable order.  This module
+replays QDict's bucket order and GHashTable's open addressing (including its resizes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 _QDICT_BUCKETS = 512
 _MASK32 = 0xFFFFFFFF
@@ -47,8 +47,8 @@ def _str_hash(key: bytes) -> int:
     return h
 
 
-class _GHashSet:
-    """The parts of GLib's GHashTable that decide iteration order."""
+class GHashSet:
+    """The parts of GLib's GHashTable (with g_str_hash) that decide iteration order."""
 
     def __init__(self) -> None:
         self._set_shift(_MIN_SHIFT)
@@ -142,19 +142,23 @@ class _GHashSet:
         del self.hashes[self.size:], self.keys[self.size:]
         self.noccupied = self.nnodes
 
-    def first(self) -> str | None:
+    def __iter__(self) -> Iterator[str]:
+        """The keys in the order g_hash_table_iter_next() yields them."""
         for node_hash, key in zip(self.hashes, self.keys, strict=True):
             if node_hash >= 2:
-                return key
-        return None
+                assert key is not None
+                yield key
+
+    def __len__(self) -> int:
+        return self.nnodes
 
 
 def first_unvisited(keys: Iterable[str], visited: Iterable[str]) -> str | None:
     """The key QEMU reports as unexpected: `keys` are the struct's keys in input
     order, `visited` the members consumed, in visiting order."""
-    table = _GHashSet()
+    table = GHashSet()
     for key in qdict_order(keys):
         table.insert(key)
     for key in visited:
         table.remove(key)
-    return table.first()
+    return next(iter(table), None)

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Final
 
 from qsd.export.fuse import protocol as P
 from qsd.export.fuse.ops import MAX_READ_BYTES, MAX_WRITE_BYTES, FuseFile, error_report
-from qsd.iothread import iothread_of
 
 if TYPE_CHECKING:
     from qsd.aio import AioContext
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
 BUFFER_SIZE: Final = (P.WRITE_DATA_OFFSET + MAX_WRITE_BYTES + 4095) & ~4095
 assert BUFFER_SIZE >= P.FUSE_MIN_READ_BUFFER
 
-# Polling: the main loop has no poll-max-ns of its own; use QEMU's iothread default.
-POLL_MAX_NS_DEFAULT: Final = 32768
 # Below this a shrinking poll window stops; after this many wake-ups without polling, one
 # full-length poll probes whether the workload has become synchronous again.
 POLL_MIN_NS: Final = 1000
@@ -82,8 +79,8 @@ class FuseQueue:
         self.paused = False
         # Shutdown or halt: never attach again.
         self.stopped = False
-        # Adaptive polling (see _keep_polling); the limit follows ctx's poll-max-ns.
-        self._poll_max_ns = 0
+        # Adaptive polling (see _keep_polling); the limit is ctx's poll-max-ns, read
+        # each time so that a change (qom-set) applies at once.
         self._poll_ns = 0
         self._unpolled_wakeups = 0
 
@@ -92,9 +89,7 @@ class FuseQueue:
     def attach(self) -> None:
         if self.attached or self.paused or self.stopped or self.file.halted:
             return
-        iothread = iothread_of(self.ctx)
-        self._poll_max_ns = POLL_MAX_NS_DEFAULT if iothread is None else iothread.poll_max_ns
-        self._poll_ns = self._poll_max_ns
+        self._poll_ns = self.ctx.poll_max_ns
         self.ctx.loop.add_reader(self._watch_fd, self._callback)
         self.attached = True
 
@@ -150,14 +145,14 @@ class FuseQueue:
         it, and with the window closed an occasional full-length probe checks again.
         """
         if self._poll_ns:
-            if perf_counter_ns() - poll_start < self._poll_ns:
+            if perf_counter_ns() - poll_start < min(self._poll_ns, self.ctx.poll_max_ns):
                 return True
             self._poll_ns = self._poll_ns // 2 if self._poll_ns >= 2 * POLL_MIN_NS else 0
             return False
         self._unpolled_wakeups += 1
         if self._unpolled_wakeups >= POLL_PROBE_INTERVAL:
             self._unpolled_wakeups = 0
-            self._poll_ns = self._poll_max_ns
+            self._poll_ns = self.ctx.poll_max_ns
         return False
 
     def _on_readable(self) -> None:
@@ -190,7 +185,7 @@ class FuseQueue:
                 return
             if poll_start:
                 # Polling caught the next request before the loop would have slept.
-                self._poll_ns = self._poll_max_ns
+                self._poll_ns = self.ctx.poll_max_ns
                 poll_start = 0
             if n < P.IN_HEADER_SIZE:
                 self._halt(f"Incomplete read from FUSE device, expected at least "
