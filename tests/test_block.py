@@ -18,6 +18,7 @@ import pytest
 
 from qsd import qapi
 from qsd.aio import set_main_context
+from qsd.block import query
 from qsd.block.backend import BlockBackend
 from qsd.block.graph import BlockGraph
 from qsd.block.locking import LockError
@@ -68,8 +69,8 @@ async def graph() -> AsyncIterator[BlockGraph]:
 async def test_read_write_checked_by_qemu(graph: BlockGraph, tmp_path: Path) -> None:
     img = make_image(tmp_path / "a.raw", 1 << 20)
     ref = bytearray(1 << 20)
-    graph.blockdev_add(opts(driver="file", node_name="f0", filename=str(img)))
-    node = graph.blockdev_add(opts(driver="raw", node_name="r0", file="f0"))
+    await graph.blockdev_add(opts(driver="file", node_name="f0", filename=str(img)))
+    node = await graph.blockdev_add(opts(driver="raw", node_name="r0", file="f0"))
     blk = BlockBackend(graph, node, perm=RW, shared=EXPORT_SHARED)
     assert blk.length() == 1 << 20
     for i in range(64):
@@ -94,7 +95,7 @@ async def test_read_write_checked_by_qemu(graph: BlockGraph, tmp_path: Path) -> 
 
 async def test_raw_window(graph: BlockGraph, tmp_path: Path) -> None:
     img = make_image(tmp_path / "w.raw", 64 * 1024, b"\xaa" * 64 * 1024)
-    node = graph.blockdev_add(opts(driver="raw", node_name="r0", offset=8192, size=16384,
+    node = await graph.blockdev_add(opts(driver="raw", node_name="r0", offset=8192, size=16384,
                                    file={"driver": "file", "filename": str(img)}))
     blk = BlockBackend(graph, node, perm=RW, shared=EXPORT_SHARED)
     assert blk.length() == 16384
@@ -107,7 +108,7 @@ async def test_raw_window(graph: BlockGraph, tmp_path: Path) -> None:
     for cmd in ("read -P 0xaa 0 8192", "read -P 0x11 8192 16384", "read -P 0xaa 24576 40960"):
         res = qemu_io("-U", "-r", "-f", "raw", "-c", cmd, str(img))
         assert "verification failed" not in res.stdout, (cmd, res.stdout)
-    info = graph.query_named_block_nodes()[0]
+    info = query.query_named_block_nodes(graph)[0]
     assert info["file"].startswith("json:{")  # type: ignore[union-attr]
     assert info["image"]["virtual-size"] == 16384  # type: ignore[index]
 
@@ -116,9 +117,9 @@ async def test_odirect_unaligned(graph: BlockGraph, tmp_path: Path) -> None:
     data = os.urandom(256 * 1024)
     img = make_image(tmp_path / "d.raw", len(data), data)
     ref = bytearray(data)
-    node = graph.blockdev_add(opts(driver="file", node_name="f0", filename=str(img),
+    node = await graph.blockdev_add(opts(driver="file", node_name="f0", filename=str(img),
                                    cache={"direct": True}, aio="native"))
-    assert node.align in (512, 1024, 2048, 4096)  # type: ignore[attr-defined]
+    assert node.bl.request_alignment in (512, 1024, 2048, 4096)
     blk = BlockBackend(graph, node, perm=RW, shared=EXPORT_SHARED)
     assert blk.read_nowait(0, 512) is None    # O_DIRECT always waits for the disk
     writes = [(1, 10), (4095, 3), (5000, 9000), (131071, 2), (200_000, 50_000)]
@@ -141,7 +142,7 @@ async def test_odirect_unaligned(graph: BlockGraph, tmp_path: Path) -> None:
 
 async def test_zeroes_discard_status(graph: BlockGraph, tmp_path: Path) -> None:
     img = make_image(tmp_path / "z.raw", 1 << 20, b"\x77" * (1 << 20))
-    node = graph.blockdev_add(opts(driver="file", node_name="f0", filename=str(img),
+    node = await graph.blockdev_add(opts(driver="file", node_name="f0", filename=str(img),
                                    discard="unmap", detect_zeroes="unmap"))
     blk = BlockBackend(graph, node, perm=RW, shared=EXPORT_SHARED)
     flags, n = await blk.block_status(0, 1 << 20)
@@ -164,7 +165,7 @@ async def test_zeroes_discard_status(graph: BlockGraph, tmp_path: Path) -> None:
 
 
 async def test_null(graph: BlockGraph) -> None:
-    node = graph.blockdev_add(opts(driver="null-co", node_name="n0", size=12345,
+    node = await graph.blockdev_add(opts(driver="null-co", node_name="n0", size=12345,
                                    read_zeroes=True))
     blk = BlockBackend(graph, node, perm=RW, shared=PERM_ALL)
     assert blk.length() == 12800
@@ -172,17 +173,19 @@ async def test_null(graph: BlockGraph) -> None:
     assert blk.write_nowait(0, b"x" * 512)
     with pytest.raises(QMPError, match="Image format driver does not support resize"):
         await graph.block_resize(None, "n0", 1 << 20)
-    info = graph.query_named_block_nodes()[0]
+    info = query.query_named_block_nodes(graph)[0]
     assert info["file"] == 'json:{"read-zeroes": true, "driver": "null-co", "size": 12345}'
-    slow = graph.blockdev_add(opts(driver="null-aio", node_name="n1", latency_ns=1_000_000))
+    slow = await graph.blockdev_add(opts(driver="null-aio", node_name="n1", latency_ns=1_000_000))
     blk2 = BlockBackend(graph, slow, perm=RW, shared=PERM_ALL)
     assert blk2.read_nowait(0, 512) is None
     assert await blk2.read(0, 512) == bytes(512)
-    assert graph.query_named_block_nodes()[0]["file"] == (
-        'json:{"latency-ns": 1000000, "driver": "null-aio"}')
-    assert graph.block_device_info(graph.nodes["n0"])["image"] == {
+    # latency-ns changes no data, so it is no strong option (11.1.3 answers the same).
+    assert query.query_named_block_nodes(graph)[0]["file"] == "null-aio://"
+    assert query.block_device_info(graph.nodes["n0"])["image"] == {
         "filename": info["file"], "format": "null-co", "actual-size": 0,
-        "virtual-size": 12800}
+        "virtual-size": 12800,
+        "limits": {"request-alignment": 1, "max-iov": 1024, "min-mem-alignment": 512,
+                   "opt-mem-alignment": 4096}}
 
 
 # ---- errors and permissions ----------------------------------------------------------------
@@ -190,8 +193,8 @@ async def test_null(graph: BlockGraph) -> None:
 
 async def test_permission_conflict_texts(graph: BlockGraph, tmp_path: Path) -> None:
     img = make_image(tmp_path / "p.raw", 1 << 20)
-    graph.blockdev_add(opts(driver="file", node_name="f0", filename=str(img)))
-    node = graph.blockdev_add(opts(driver="raw", node_name="r0", file="f0"))
+    await graph.blockdev_add(opts(driver="file", node_name="f0", filename=str(img)))
+    node = await graph.blockdev_add(opts(driver="raw", node_name="r0", file="f0"))
     BlockBackend(graph, node, perm=RW, shared=EXPORT_SHARED)
     with pytest.raises(QMPError) as err:
         await graph.block_resize(None, "r0", 2 << 20)
@@ -206,10 +209,10 @@ async def test_permission_conflict_texts(graph: BlockGraph, tmp_path: Path) -> N
         "required by node "
         "'r0' (uses node 'f0' as 'file' child) and unshared by an unnamed block device "
         "(uses node 'f0' as 'root' child).")
-    ro = graph.blockdev_add(opts(driver="null-co", node_name="n0", read_only=True))
+    ro = await graph.blockdev_add(opts(driver="null-co", node_name="n0", read_only=True))
     with pytest.raises(QMPError, match="^Block node is read-only$"):
         BlockBackend(graph, ro, perm=RW, shared=PERM_ALL)
-    graph_info = graph.x_debug_query_block_graph()
+    graph_info = query.x_debug_query_block_graph(graph)
     assert graph_info["edges"][0] == {  # type: ignore[index]
         "parent": 2, "child": 3, "name": "file", "perm": ["write", "consistent-read"],
         "shared-perm": ["write-unchanged", "write", "consistent-read"]}
@@ -258,7 +261,7 @@ def debian(tmp_path: Path) -> Iterator[DebianQsd]:
 async def _qsd_cmd(graph: BlockGraph, name: str, args: dict[str, Any]) -> dict[str, Any]:
     try:
         if name == "blockdev-add":
-            graph.blockdev_add(qapi.parse_command_args(name, args))
+            await graph.blockdev_add(qapi.parse_command_args(name, args))
         elif name == "blockdev-del":
             await graph.blockdev_del(args["node-name"])
         else:
@@ -375,7 +378,7 @@ async def test_locking_like_qemu(graph: BlockGraph, tmp_path: Path, scenario: st
         debian.close()
     for spec in nodes:
         spec = dict(spec, filename=img) if spec["driver"] == "file" else spec
-        graph.blockdev_add(qapi.parse_command_args("blockdev-add", spec))
+        await graph.blockdev_add(qapi.parse_command_args("blockdev-add", spec))
     if export is not None:
         perm = RW if export["writable"] else PERM_CONSISTENT_READ
         BlockBackend(graph, graph.nodes[export["node-name"]], perm=perm, shared=EXPORT_SHARED)
@@ -392,7 +395,7 @@ async def test_refuses_image_locked_elsewhere(graph: BlockGraph, tmp_path: Path,
                                          "data": {"path": str(tmp_path / "n.sock")}})
     assert "error" not in debian.cmd("block-export-add", type="nbd", id="e0",
                                      **{"node-name": "f0", "writable": True})
-    node = graph.blockdev_add(opts(driver="file", node_name="f0", filename=img))
+    node = await graph.blockdev_add(opts(driver="file", node_name="f0", filename=img))
     with pytest.raises(LockError) as err:
         await graph.block_resize(None, "f0", 2 << 20)
     assert err.value.desc == 'Failed to get "resize" lock'
@@ -408,7 +411,7 @@ async def test_refuses_image_locked_elsewhere(graph: BlockGraph, tmp_path: Path,
 
 async def test_generated_names_and_ownership(graph: BlockGraph, tmp_path: Path) -> None:
     img = str(make_image(tmp_path / "g.raw", 1 << 20))
-    graph.blockdev_add(opts(driver="raw", node_name="r0",
+    await graph.blockdev_add(opts(driver="raw", node_name="r0",
                             file={"driver": "file", "filename": img}))
     names = list(graph.nodes)
     assert names[0].startswith("#block") and names[1] == "r0"
@@ -416,4 +419,4 @@ async def test_generated_names_and_ownership(graph: BlockGraph, tmp_path: Path) 
         await graph.blockdev_del(names[0])
     await graph.blockdev_del("r0")
     assert graph.nodes == {}
-    assert graph.query_named_block_nodes() == []
+    assert query.query_named_block_nodes(graph) == []

@@ -51,11 +51,11 @@ async def test_io_during_graph_changes(tmp_path: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), str(size)], check=True)
     ref = bytearray(size)
 
-    def add(**wire: object) -> None:
-        graph.blockdev_add(qapi.parse_command_args("blockdev-add", wire))
+    async def add(**wire: object) -> None:
+        await graph.blockdev_add(qapi.parse_command_args("blockdev-add", wire))
 
-    add(**{"driver": "file", "node-name": "f0", "filename": str(img)})
-    add(**{"driver": "raw", "node-name": "r0", "file": "f0"})
+    await add(**{"driver": "file", "node-name": "f0", "filename": str(img)})
+    await add(**{"driver": "raw", "node-name": "r0", "file": "f0"})
     node = graph.nodes["r0"]
     blk = BlockBackend(graph, node, perm=PERM_CONSISTENT_READ | PERM_WRITE,
                        shared=PERM_ALL & ~PERM_RESIZE)
@@ -78,9 +78,9 @@ async def test_io_during_graph_changes(tmp_path: Path) -> None:
     try:
         async with asyncio.timeout(60):
             for i in range(60):
-                add(**{"driver": "raw", "node-name": f"x{i}", "file": "f0",
+                await add(**{"driver": "raw", "node-name": f"x{i}", "file": "f0",
                        "offset": 4096, "size": 65536})
-                add(**{"driver": "null-co", "node-name": f"n{i}"})
+                await add(**{"driver": "null-co", "node-name": f"n{i}"})
                 await graph.set_aio_context(node, contexts[i % 3])
                 assert graph.nodes["f0"].ctx is contexts[i % 3]
                 await graph.set_aio_context(graph.nodes[f"n{i}"], contexts[(i + 1) % 3])

@@ -43,6 +43,7 @@ class MemBackend:
         self.data = bytearray(size)
         self.allocated: set[int] = set()
         self.dev_ops: tuple[Any, ...] = ()
+        self.aio_notifiers: list[Any] = []
         self.fail_reads = False
         self.flushes = 0
         self.perm, self.shared = 1, 15
@@ -55,6 +56,9 @@ class MemBackend:
 
     def set_dev_ops(self, begin: Any, end: Any, poll: Any) -> None:
         self.dev_ops = (begin, end, poll)
+
+    def add_aio_context_notifier(self, notifier: Any) -> None:
+        self.aio_notifiers.append(notifier)
 
     def _mark(self, offset: int, length: int) -> None:
         for c in range(offset // CLUSTER, (offset + length + CLUSTER - 1) // CLUSTER):

@@ -1,80 +1,64 @@
 """BlockBackend: how exports and commands use a node (QEMU's BlockBackend).
 
-It holds a ``root`` edge with the user's permissions, counts its requests in flight for
-drain, queues requests that arrive while drained, and binds the node's fast paths once so
-that ``read_nowait``/``write_nowait`` are two counter steps, one flag test and the driver
-call.
+It owns a ``root`` edge into the node with the user's permissions and is that edge's
+parent: it hears about drains (its owner's ``set_dev_ops`` hooks stop the request
+sources; requests that arrive anyway wait here until the drain ends) and about moves of
+the node to another iothread (``add_aio_context_notifier``).  It counts its requests in
+flight, checks them against the node's length and sends them down ``qsd.block.io``.
+
+Its fast paths are bound once (and again whenever something below changes) straight to
+the driver of the node that will answer them, skipping pass-through filters, so that
+``read_nowait``/``write_nowait`` are two counter steps, one flag test and the driver
+call.  Nodes that need aligned requests or run before-write hooks get no fast path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, NoReturn
 
-from qsd.block import permissions
-from qsd.block.node import Data
-from qsd.block.permissions import PERM_WRITE, PERM_WRITE_UNCHANGED, Edge
+from qsd.block import drain, io
+from qsd.block.limits import BlockLimits
+from qsd.block.node import BlockNode, Child, Data, count_value
+from qsd.block.permissions import PERM_WRITE, PERM_WRITE_UNCHANGED, ChildRole
 
 if TYPE_CHECKING:
+    from qsd.aio import AioContext
     from qsd.block.graph import BlockGraph
-    from qsd.block.node import BlockNode
 
 UNNAMED = "an unnamed block device"
 
+# Told of a move of the node to another AioContext (main loop, node drained).
+AioContextNotifier = Callable[["AioContext"], Awaitable[None] | None]
 
-def _count_value(counter: itertools.count[int]) -> int:
-    """The next value an itertools.count would return, read without advancing it.
 
-    ``repr`` is the count's only public view of its state (``__reduce__`` is gone in 3.14);
-    the counters start at 0 with step 1, so the repr is always ``count(N)``.
-    """
-    return int(repr(counter)[6:-1])
+def _no_medium() -> NoReturn:
+    raise OSError(errno.ENOMEDIUM, "No medium found")
 
 
 def _no_medium_read(offset: int, length: int) -> bytes | None:
-    raise OSError(errno.ENOMEDIUM, "No medium found")
+    _no_medium()
 
 
 def _no_medium_write(offset: int, data: Data, fua: bool = False) -> bool:
-    raise OSError(errno.ENOMEDIUM, "No medium found")
+    _no_medium()
 
 
 def _no_write(offset: int, data: Data, fua: bool = False) -> bool:
     raise OSError(errno.EPERM, "Operation not permitted")
 
 
-class _Detached:
-    """Stands in for the node after detach(): every request fails with ENOMEDIUM."""
+def _read_waits(offset: int, length: int) -> bytes | None:
+    return None
 
-    @staticmethod
-    def _fail() -> NoReturn:
-        raise OSError(errno.ENOMEDIUM, "No medium found")
 
-    async def read(self, offset: int, length: int) -> bytes:
-        self._fail()
-
-    async def write(self, offset: int, data: Data, fua: bool = False) -> None:
-        self._fail()
-
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False,
-                           no_fallback: bool = False, fua: bool = False) -> None:
-        self._fail()
-
-    async def discard(self, offset: int, length: int) -> None:
-        self._fail()
-
-    async def flush(self) -> None:
-        self._fail()
-
-    async def truncate(self, length: int, exact: bool = False, prealloc: str = "off") -> None:
-        self._fail()
-
-    async def block_status(self, offset: int, length: int) -> tuple[int, int]:
-        self._fail()
+def _write_waits(offset: int, data: Data, fua: bool = False) -> bool:
+    return False
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -103,26 +87,15 @@ class BlockBackend:
         self._dev_begin: Callable[[], None] | None = None
         self._dev_end: Callable[[], None] | None = None
         self._dev_poll: Callable[[], bool] | None = None
-        self.edge = Edge("root", node, lambda: UNNAMED)
-        node.parents.insert(0, self.edge)
-        try:
-            permissions.refresh(node, {self.edge: (perm, shared)})
-        except BaseException:
-            node.parents.remove(self.edge)
-            permissions.refresh(node, {})
-            raise
-        node.backends.append(self)
-        graph.backends.append(self)
-        self._io: BlockNode | _Detached = node
-        fast = node.nowait_target()
-        self._rd_nowait: Callable[[int, int], bytes | None] = fast.read_nowait
-        self._wr_nowait: Callable[[int, Data, bool], bool] = fast.write_nowait
-        self._can_write = bool(perm & (PERM_WRITE | PERM_WRITE_UNCHANGED))
-        if not self._can_write:
-            self._wr_nowait = _no_write
-        for _ in range(node.quiesce_counter):
-            self.drained_begin()
+        self._aio_notifiers: list[AioContextNotifier] = []
         self._detach_future: asyncio.Future[None] | None = None
+        self._rd_nowait: Callable[[int, int], bytes | None] = _read_waits
+        self._wr_nowait: Callable[[int, Data, bool], bool] = _write_waits
+        self.root: Child | None = None
+        self.root = graph.attach_child(self, node, "root",
+                                       ChildRole.FILTERED | ChildRole.PRIMARY, perm, shared)
+        graph.backends.append(self)
+        self._bind()
 
     # ---- configuration ---------------------------------------------------------------------
 
@@ -131,6 +104,15 @@ class BlockBackend:
                     drained_poll: Callable[[], bool] | None = None) -> None:
         """The owner's drain hooks: stop/resume its request sources; poll: still busy?"""
         self._dev_begin, self._dev_end, self._dev_poll = drained_begin, drained_end, drained_poll
+
+    def add_aio_context_notifier(self, notifier: AioContextNotifier) -> None:
+        """Calls (and awaits, if it returns an awaitable) ``notifier(ctx)`` whenever the
+        node moves to another AioContext; runs in the main loop while the node is still
+        drained, so the owner can move its request sources before they resume."""
+        self._aio_notifiers.append(notifier)
+
+    def remove_aio_context_notifier(self, notifier: AioContextNotifier) -> None:
+        self._aio_notifiers.remove(notifier)
 
     def set_writethrough(self, writethrough: bool) -> None:
         """Every write completes only once on stable storage (QEMU's writethrough mode)."""
@@ -142,21 +124,49 @@ class BlockBackend:
 
     def set_perm(self, perm: int, shared: int) -> None:
         """Changes this user's permissions; QMPError and no change on conflict."""
+        if self.root is None:
+            _no_medium()
+        self.graph.set_child_perm(self.root, perm, shared)
+        self.perm, self.shared = perm, shared
+        self._bind()
+
+    def _bind(self) -> None:
+        """Binds the fast paths to the driver that answers them (see the module doc)."""
         node = self.node
         if node is None:
-            raise OSError(errno.ENOMEDIUM, "No medium found")
-        permissions.refresh(node, {self.edge: (perm, shared)})
-        self.perm, self.shared = perm, shared
-        self._can_write = bool(perm & (PERM_WRITE | PERM_WRITE_UNCHANGED))
-        self._wr_nowait = node.nowait_target().write_nowait if self._can_write else _no_write
+            return
+        target = node
+        hooks = bool(node.before_write)
+        following = node.nowait_next()
+        while following is not None:
+            target = following
+            hooks = hooks or bool(target.before_write)
+            following = target.nowait_next()
+        if target.bl.request_alignment > 1:
+            self._rd_nowait, self._wr_nowait = _read_waits, _write_waits
+            return
+        self._rd_nowait = target.read_nowait
+        if not self.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED):
+            self._wr_nowait = _no_write
+        elif hooks:
+            self._wr_nowait = _write_waits
+        else:
+            self._wr_nowait = target.write_nowait
 
     # ---- hot paths -------------------------------------------------------------------------
 
     def length(self) -> int:
         node = self.node
         if node is None:
-            raise OSError(errno.ENOMEDIUM, "No medium found")
+            _no_medium()
         return node.length()
+
+    def limits(self) -> BlockLimits:
+        """The node's block limits (request alignment and sizes; QEMU's blk_get_*)."""
+        node = self.node
+        if node is None:
+            _no_medium()
+        return node.bl
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         next(self._started)
@@ -193,12 +203,26 @@ class BlockBackend:
             finally:
                 next(self._started)
 
+    def _checked(self, offset: int, length: int) -> Child:
+        """The root edge, after QEMU's blk_check_byte_request(): EIO outside the node."""
+        root = self.root
+        if root is None:
+            _no_medium()
+        size = root.node.length()
+        if offset < 0 or length < 0 or offset > size or size - offset < length:
+            raise OSError(errno.EIO, "Input/output error")
+        return root
+
+    def _writable(self) -> None:
+        if not self.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
     async def read(self, offset: int, length: int) -> bytes:
         next(self._started)
         try:
             if self._quiesced:
                 await self._wait_while_drained()
-            return await self._io.read(offset, length)
+            return await io.read(self._checked(offset, length), offset, length)
         finally:
             next(self._done)
 
@@ -207,9 +231,9 @@ class BlockBackend:
         try:
             if self._quiesced:
                 await self._wait_while_drained()
-            if not self._can_write:
-                _no_write(offset, b"")
-            await self._io.write(offset, data, fua or self.writethrough)
+            root = self._checked(offset, len(data))
+            self._writable()
+            await io.write(root, offset, data, fua or self.writethrough)
         finally:
             next(self._done)
 
@@ -219,10 +243,10 @@ class BlockBackend:
         try:
             if self._quiesced:
                 await self._wait_while_drained()
-            if not self._can_write:
-                _no_write(offset, b"")
-            await self._io.write_zeroes(offset, length, may_unmap, no_fallback,
-                                        fua or self.writethrough)
+            root = self._checked(offset, length)
+            self._writable()
+            await io.write_zeroes(root, offset, length, may_unmap, no_fallback,
+                                  fua or self.writethrough)
         finally:
             next(self._done)
 
@@ -231,9 +255,9 @@ class BlockBackend:
         try:
             if self._quiesced:
                 await self._wait_while_drained()
-            if not self._can_write:
-                _no_write(offset, b"")
-            await self._io.discard(offset, length)
+            root = self._checked(offset, length)
+            self._writable()
+            await io.discard(root, offset, length)
         finally:
             next(self._done)
 
@@ -242,7 +266,9 @@ class BlockBackend:
         try:
             if self._quiesced:
                 await self._wait_while_drained()
-            await self._io.flush()
+            if self.root is None:
+                _no_medium()
+            await io.flush(self.root)
         finally:
             next(self._done)
 
@@ -251,31 +277,37 @@ class BlockBackend:
         try:
             if self._quiesced:
                 await self._wait_while_drained()
-            await self._io.truncate(length, exact, prealloc)
+            if self.root is None:
+                _no_medium()
+            await io.truncate(self.root, length, exact, prealloc)
         finally:
             next(self._done)
 
     async def block_status(self, offset: int, length: int) -> tuple[int, int]:
+        """(BLOCK_* flags, bytes they hold for); see io.block_status for the mapping."""
         next(self._started)
         try:
             if self._quiesced:
                 await self._wait_while_drained()
-            return await self._io.block_status(offset, length)
+            if self.root is None:
+                _no_medium()
+            status = await io.block_status(self.root, offset, length)
+            return status.flags, status.length
         finally:
             next(self._done)
 
     def allocated_size(self) -> int:
         node = self.node
         if node is None:
-            raise OSError(errno.ENOMEDIUM, "No medium found")
+            _no_medium()
         return node.allocated_size()
 
     # ---- drain -------------------------------------------------------------------------------
 
     def in_flight(self) -> int:
         """Requests started and not finished, summed across all threads."""
-        done = _count_value(self._done)
-        return _count_value(self._started) - done
+        done = count_value(self._done)
+        return count_value(self._started) - done
 
     def busy(self) -> bool:
         return self.in_flight() > 0 or (self._dev_poll is not None and self._dev_poll())
@@ -304,6 +336,37 @@ class BlockBackend:
     def quiesced(self) -> bool:
         return self._quiesced
 
+    # ---- as the owner of the root edge -------------------------------------------------------
+
+    def child_description(self, child: Child) -> str:
+        return UNNAMED
+
+    def child_drained_begin(self, child: Child) -> None:
+        self.drained_begin()
+
+    def child_drained_end(self, child: Child) -> None:
+        self.drained_end()
+
+    def child_drained_poll(self, child: Child) -> bool:
+        return self.busy()
+
+    def child_aio_context_check(self, child: Child, ctx: AioContext) -> str | None:
+        if self.allow_aio_context_change:
+            return None
+        return "Cannot change iothread of active block backend"
+
+    async def child_aio_context_changed(self, child: Child, ctx: AioContext) -> None:
+        for notifier in list(self._aio_notifiers):
+            result = notifier(ctx)
+            if inspect.isawaitable(result):
+                await result
+
+    def child_resized(self, child: Child) -> None:
+        pass
+
+    def child_changed(self, child: Child) -> None:
+        self._bind()
+
     # ---- detach ------------------------------------------------------------------------------
 
     def detach(self) -> asyncio.Future[None]:
@@ -318,39 +381,38 @@ class BlockBackend:
             return self._detach_future
         fut: asyncio.Future[None] = loop.create_future()
         self._detach_future = fut
-        self._io = _Detached()
         self._rd_nowait = _no_medium_read
         self._wr_nowait = _no_medium_write
         self._dev_begin = self._dev_end = self._dev_poll = None
+        self._aio_notifiers.clear()
+        root, self.root = self.root, None
         with self._lock:
             self._quiesced = False
             waiters, self._waiters = self._waiters, []
         for wloop, wfut in waiters:
             wloop.call_soon_threadsafe(_wake, wfut)
         if self.in_flight() == 0:
-            self._remove()
+            self._remove(root)
             fut.set_result(None)
         else:
-            task = loop.create_task(self._remove_when_idle())
+            task = loop.create_task(self._remove_when_idle(root))
             self.graph.keep(task)
         return fut
 
-    async def _remove_when_idle(self) -> None:
-        await self.graph.wait_idle([self])
-        self._remove()
+    async def _remove_when_idle(self, root: Child | None) -> None:
+        await drain.poll_while(lambda: self.in_flight() > 0)
+        self._remove(root)
         if self._detach_future is not None and not self._detach_future.done():
             self._detach_future.set_result(None)
 
-    def _remove(self) -> None:
-        node = self.node
-        if node is None:
+    def _remove(self, root: Child | None) -> None:
+        if self.node is None:
             return
         self.node = None
-        with self.graph.lock.write():
-            node.parents.remove(self.edge)
-            node.backends.remove(self)
-            self.graph.backends.remove(self)
-            permissions.refresh(node, {})
+        if root is not None:
+            with self.graph.lock.write():
+                self.graph.detach_child(root)
+        self.graph.backends.remove(self)
 
     def __repr__(self) -> str:
         name = self.node.node_name if self.node is not None else None

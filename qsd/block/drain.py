@@ -1,15 +1,19 @@
 """Drained sections and the graph lock.
 
-A request counts as in flight on the BlockBackend it entered through from its first
-instruction to its last (two C-level ``itertools.count`` steps, atomic under the GIL, no
-lock on the hot path).  ``drained_begin`` quiesces every BlockBackend at or above the
-drained nodes (their owners' ``drained_begin`` hooks stop new requests; requests that slip
-in wait in ``BlockBackend`` until ``drained_end``) and then polls from the main loop,
-without blocking it, until nothing is in flight across all threads.
+A request counts as in flight on the node it is addressed to (qsd.block.io) and on the
+BlockBackend it entered through, from its first instruction to its last (two C-level
+``itertools.count`` steps, atomic under the GIL, no lock on the hot path).
+``drained_begin`` quiesces the drained nodes and every node above them: each owner of an
+edge into them hears ``child_drained_begin`` once (exports detach their request sources;
+requests that slip in wait in BlockBackend until the end), each driver its
+``drained_begin``; then the main loop polls, without blocking, until no node of the
+section has requests in flight and no owner reports pending work (``child_drained_poll``),
+across all threads.  A driver's own background work counts as in flight too (see
+``BlockNode.start_background``), so drain waits for metadata I/O.
 
 The graph write lock is what a graph change holds after draining (QEMU's order, seed 004:
-never drain while holding it).  I/O holds the read side implicitly: a request is in flight
-on a non-quiesced backend, and the writer only touches nodes whose backends are quiesced
+never drain while holding it).  I/O holds the read side implicitly: a request is in
+flight on a node that is not drained, and the writer only touches nodes that are drained
 and idle, so readers never see a half-made change and the read side costs nothing.
 """
 
@@ -17,12 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
-if TYPE_CHECKING:
-    from qsd.block.backend import BlockBackend
-    from qsd.block.node import BlockNode
+from qsd.block.node import BlockNode, Child
 
 _POLL_MAX = 0.002
 
@@ -53,38 +54,61 @@ def ancestors(nodes: Iterable[BlockNode]) -> list[BlockNode]:
         if id(node) in seen:
             continue
         seen[id(node)] = node
-        todo.extend(e.parent_node for e in node.parents if e.parent_node is not None)
+        todo.extend(c.parent_node for c in node.parents if c.parent_node is not None)
     return list(seen.values())
 
 
-async def wait_idle(backends: list[BlockBackend]) -> None:
-    """Polls until no backend has requests in flight and no owner reports pending work."""
+def parent_drained_begin(child: Child) -> None:
+    """Tells the owner of ``child`` to stop, once per drained period of the node."""
+    if not child.quiesced:
+        child.quiesced = True
+        child.parent.child_drained_begin(child)
+
+
+def parent_drained_end(child: Child) -> None:
+    if child.quiesced:
+        child.quiesced = False
+        child.parent.child_drained_end(child)
+
+
+async def poll_while(busy: Callable[[], bool]) -> None:
+    """Yields to the loop until ``busy()`` is false, backing off up to 2 ms."""
     delay = 0.0
-    while any(blk.busy() for blk in backends):
+    while busy():
         await asyncio.sleep(delay)
         delay = min(_POLL_MAX, delay * 2 + 0.00005)
+
+
+def _busy(nodes: list[BlockNode]) -> bool:
+    for node in nodes:
+        if node.in_flight():
+            return True
+        for child in node.parents:
+            if child.parent.child_drained_poll(child):
+                return True
+    return False
 
 
 class Section:
     """What one drained_begin() quiesced, so drained_end() undoes exactly that."""
 
-    def __init__(self, nodes: list[BlockNode], backends: list[BlockBackend]) -> None:
+    def __init__(self, nodes: list[BlockNode]) -> None:
         self.nodes = nodes
-        self.backends = backends
 
 
 async def drained_begin(lock: GraphLock, nodes: Iterable[BlockNode]) -> Section:
     """Quiesces everything that can send requests to ``nodes`` and waits until idle."""
     if lock.held:
         raise RuntimeError("drain while holding the graph write lock")
-    section = Section(ancestors(nodes), [])
+    section = Section(ancestors(nodes))
     for node in section.nodes:
         node.quiesce_counter += 1
-    section.backends = [blk for node in section.nodes for blk in node.backends]
-    for blk in section.backends:
-        blk.drained_begin()
+        if node.quiesce_counter == 1:
+            for child in list(node.parents):
+                parent_drained_begin(child)
+            node.drained_begin()
     try:
-        await wait_idle(section.backends)
+        await poll_while(lambda: _busy(section.nodes))
     except BaseException:
         drained_end(section)
         raise
@@ -93,10 +117,12 @@ async def drained_begin(lock: GraphLock, nodes: Iterable[BlockNode]) -> Section:
 
 def drained_end(section: Section) -> None:
     """Resumes what drained_begin() quiesced, in reverse order."""
-    for blk in reversed(section.backends):
-        blk.drained_end()
-    for node in section.nodes:
+    for node in reversed(section.nodes):
         node.quiesce_counter -= 1
+        if node.quiesce_counter == 0:
+            node.drained_end()
+            for child in list(node.parents):
+                parent_drained_end(child)
 
 
 @contextlib.asynccontextmanager

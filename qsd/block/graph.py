@@ -1,32 +1,48 @@
-"""BlockGraph: the nodes by name, blockdev-add/-del, moves between iothreads, queries.
+"""BlockGraph: the one place where the block graph changes.
 
-Everything here runs in the main loop.  Changes that can race with I/O (removing nodes,
-moving them to another AioContext) drain the affected nodes first and only then take the
-graph write lock (seed 004: never drain under the lock).
+Every edge is linked, unlinked or moved here (``attach_child``, ``detach_child``,
+``replace_child``, ``replace_node``, ``set_child_perm``), each as a transaction: the
+edges change, the permissions of every node below are worked out again, and if any node
+refuses (a conflict between users, a read-only node asked for write, an image lock held
+by another process) every step is undone and the error is QEMU's.  On top of these:
+blockdev-add (drivers from the registry, opened asynchronously), blockdev-del, moves
+between iothreads and block_resize.
+
+Everything here runs in the main loop.  Commands that change the graph in several
+awaited steps take ``changing`` so that they never interleave.  Changes that can race
+with I/O drain the affected nodes first and only then take the graph write lock (seed
+004: never drain under the lock).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import random
 import re
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 from qsd.aio import AioContext, main_context
-from qsd.block import drain, permissions
-from qsd.block.drivers.file import open_file
-from qsd.block.drivers.null import open_null
-from qsd.block.drivers.raw import open_raw
-from qsd.block.node import BlockNode, NodeOptions
+from qsd.block import drain, io, registry
+from qsd.block.node import BlockNode, Child, ChildParent, NodeOptions
+from qsd.block.permissions import (
+    PERM_ALL,
+    PERM_RESIZE,
+    PERM_WRITE,
+    PERM_WRITE_UNCHANGED,
+    ChildRole,
+    perm_names,
+)
+from qsd.block.transaction import Transaction
 from qsd.errors import QMPError
 from qsd.iothread import iothread_of
-
-if TYPE_CHECKING:
-    from qsd.block.backend import BlockBackend
+from qsd.qapi import parse_type, to_wire
 
 _WELL_FORMED = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 NODE_NAME_MAX = 31  # QEMU's node_name[32] includes the NUL
+UNNAMED = "an unnamed block device"
 
 
 def _value(x: Any) -> Any:
@@ -34,32 +50,194 @@ def _value(x: Any) -> Any:
     return getattr(x, "value", x)
 
 
+class GraphUser(ChildParent, Protocol):
+    """A user of a node from outside the graph (a BlockBackend): the root of an edge."""
+
+    root: Child | None
+
+    def detach(self) -> Awaitable[None]:
+        ...
+
+
+class _TemporaryUser:
+    """The short-lived user a command holds its node through (QEMU's blk_new_with_bs in
+    qmp_block_resize), named in conflicts like any BlockBackend."""
+
+    def child_description(self, child: Child) -> str:
+        return UNNAMED
+
+    def child_drained_begin(self, child: Child) -> None:
+        pass
+
+    def child_drained_end(self, child: Child) -> None:
+        pass
+
+    def child_drained_poll(self, child: Child) -> bool:
+        return False
+
+    def child_aio_context_check(self, child: Child, ctx: AioContext) -> str | None:
+        return None
+
+    async def child_aio_context_changed(self, child: Child, ctx: AioContext) -> None:
+        pass
+
+    def child_resized(self, child: Child) -> None:
+        pass
+
+    def child_changed(self, child: Child) -> None:
+        pass
+
+
 class BlockGraph:
     """All block nodes and BlockBackends of the daemon."""
 
     def __init__(self) -> None:
         self.nodes: dict[str, BlockNode] = {}      # QEMU's graph_bdrv_states order
-        self.backends: list[BlockBackend] = []     # QEMU's block_backends order
+        self.backends: list[GraphUser] = []        # QEMU's block_backends order
         self.lock = drain.GraphLock()
+        self.changing = asyncio.Lock()
         self._id_counter = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    # ---- helpers for BlockBackend ------------------------------------------------------------
-
     def keep(self, task: asyncio.Task[None]) -> None:
-        """Keeps a background task referenced until it is done."""
+        """Keeps a background task referenced until it is done (close_all waits)."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def wait_idle(self, backends: list[BlockBackend]) -> None:
-        await drain.wait_idle(backends)
-
     def find_node(self, name: str) -> BlockNode | None:
-        return self.nodes.get(name)
+        node = self.nodes.get(name)
+        return node if node is not None and node.opened else None
 
-    # ---- blockdev-add --------------------------------------------------------------------
+    def opened_nodes(self) -> list[BlockNode]:
+        """Nodes in creation order, without those still opening."""
+        return [node for node in self.nodes.values() if node.opened]
 
-    def blockdev_add(self, opts: Any) -> BlockNode:
+    # ---- edges: the only code that links, unlinks and moves them -------------------------
+
+    def attach_child(self, parent: ChildParent, node: BlockNode, name: str, role: ChildRole,
+                     perm: int = 0, shared: int = PERM_ALL) -> Child:
+        """Links ``node`` below ``parent``; QMPError and no change if permissions clash."""
+        child = Child(parent, name, node, role, perm, shared)
+        with Transaction() as tran:
+            self._link(child, tran)
+            self._update_permissions([node], tran)
+        self._linked(child)
+        return child
+
+    def detach_child(self, child: Child) -> None:
+        """Unlinks an edge; the node below loses the permissions it held."""
+        drain.parent_drained_end(child)
+        node = child.node
+        with Transaction() as tran:
+            self._unlink(child, tran)
+        try:
+            with Transaction() as tran:
+                self._update_permissions([node], tran)
+        except QMPError:
+            pass  # giving up permissions cannot conflict; a lock error leaves them held
+        self._unlinked(child)
+
+    def replace_child(self, child: Child, new: BlockNode) -> None:
+        """Points an edge at another node, atomically with the permission change."""
+        self._replace([child], new)
+
+    def replace_node(self, old: BlockNode, new: BlockNode) -> None:
+        """Every user of ``old`` uses ``new`` instead (QEMU's bdrv_replace_node); edges
+        from ``new`` itself stay, which is what puts a node on top of another."""
+        self._replace([c for c in old.parents if c.parent_node is not new], new)
+
+    def set_child_perm(self, child: Child, perm: int, shared: int) -> None:
+        """Changes what an edge's owner needs and shares; QMPError and no change on
+        conflict."""
+        with Transaction() as tran:
+            self._set_perm(child, perm, shared, tran)
+            self._update_permissions([child.node], tran)
+
+    def _replace(self, children: list[Child], new: BlockNode) -> None:
+        for child in children:
+            if child.node.ctx is not new.ctx:
+                raise QMPError(f"Cannot replace node '{child.node.node_name}' with node "
+                               f"'{new.node_name}' in another iothread")
+        olds = list({id(c.node): c.node for c in children}.values())
+        with Transaction() as tran:
+            for child in children:
+                old = child.node
+                index = old.parents.index(child)
+                del old.parents[index]
+                new.parents.insert(0, child)
+                child.node = new
+                tran.add(abort=functools.partial(_move_back, child, old, index))
+            self._update_permissions([*olds, new], tran)
+        for child in children:
+            if child.quiesced and not new.quiesce_counter:
+                drain.parent_drained_end(child)
+            self._linked(child)
+
+    def _link(self, child: Child, tran: Transaction) -> None:
+        child.node.parents.insert(0, child)
+        tran.add(abort=functools.partial(child.node.parents.remove, child))
+        parent = child.parent_node
+        if parent is not None:
+            parent.children.insert(0, child)
+            tran.add(abort=functools.partial(parent.children.remove, child))
+
+    def _unlink(self, child: Child, tran: Transaction) -> None:
+        node = child.node
+        index = node.parents.index(child)
+        del node.parents[index]
+        tran.add(abort=functools.partial(node.parents.insert, index, child))
+        parent = child.parent_node
+        if parent is not None:
+            index = parent.children.index(child)
+            del parent.children[index]
+            tran.add(abort=functools.partial(parent.children.insert, index, child))
+
+    def _linked(self, child: Child) -> None:
+        """A new edge is in place: a drained node stops its new user too (QEMU's
+        bdrv_replace_child_noperm), a parent node takes on the child's limits."""
+        if child.node.quiesce_counter:
+            drain.parent_drained_begin(child)
+        parent = child.parent_node
+        if parent is not None:
+            parent.refresh_limits()
+        child.parent.child_changed(child)
+
+    def _unlinked(self, child: Child) -> None:
+        parent = child.parent_node
+        if parent is not None and not parent.closed:
+            parent.refresh_limits()
+            parent.notify_changed()
+
+    def _set_perm(self, child: Child, perm: int, shared: int, tran: Transaction) -> None:
+        if (child.perm, child.shared) != (perm, shared):
+            tran.add(abort=functools.partial(_set_perm, child, child.perm, child.shared))
+            _set_perm(child, perm, shared)
+
+    def _update_permissions(self, roots: list[BlockNode], tran: Transaction) -> None:
+        """Works out the permissions of ``roots`` and of everything below them again,
+        parents before children (QEMU's bdrv_refresh_perms)."""
+        for node in _top_down(roots):
+            for a in node.parents:
+                for b in node.parents:
+                    if a is not b:
+                        _check_allowed(a, b)
+            perm, shared = 0, PERM_ALL
+            for child in node.parents:
+                perm |= child.perm
+                shared &= child.shared
+            if perm & (PERM_WRITE | PERM_WRITE_UNCHANGED) and node.read_only:
+                raise QMPError("Block node is read-only")
+            node.check_perm(perm, shared)
+            tran.add(abort=node.abort_perm, commit=node.commit_perm)
+            for child in node.children:
+                nperm, nshared = node.child_perm(child, perm, shared)
+                if child.node.force_share:
+                    nshared = PERM_ALL
+                self._set_perm(child, nperm, nshared, tran)
+
+    # ---- blockdev-add ------------------------------------------------------------------------
+
+    async def blockdev_add(self, opts: Any) -> BlockNode:
         """Creates a node tree from a validated BlockdevOptions model (main loop).
 
         Nested definitions become nodes owned by their parent; string references attach
@@ -67,14 +245,47 @@ class BlockGraph:
         """
         if getattr(opts, "node_name", None) is None:
             raise QMPError("'node-name' must be specified for the root node")
-        created: list[BlockNode] = []
+        async with self.changing:
+            created: list[BlockNode] = []
+            try:
+                node = await self.open_node(opts, None, created)
+            except BaseException:
+                for n in reversed(created):
+                    self._destroy(n)
+                raise
+            node.monitor_owned = True
+            return node
+
+    async def open_node(self, opts: Any, parent: NodeOptions | None,
+                        created: list[BlockNode]) -> BlockNode:
+        """Opens one node (and what it defines inline) from its options, QEMU's
+        bdrv_open_inherit() order: the ``file`` child of a non-protocol driver first,
+        then the common options, then the driver."""
+        name = str(_value(opts.driver))
+        driver = registry.lookup(name)
+        if driver is None:
+            raise QMPError(f"Unknown driver '{name}'")
+        common = self._common(opts, parent)
+        opener = _Opener(self, common, created)
+        file_ref = getattr(opts, "file", None)
+        if file_ref is not None and not driver.node_class.is_protocol:
+            await opener.resolve(file_ref)
+        node_name = self._check_common(common, getattr(opts, "node_name", None))
+        ctx = opener.ctx or main_context()
+        node = driver.node_class(node_name, name, common, ctx, to_wire(opts))
+        self.nodes[node_name] = node
+        created.append(node)
+        _ref_ctx(ctx)
+        await node.open(opts, opener)
+        node.refresh_limits()
         try:
-            node = self._open(opts, None, created)
-        except BaseException:
-            for n in reversed(created):
-                self._destroy(n)
-            raise
-        node.monitor_owned = True
+            node.refresh_length()
+        except OSError as exc:
+            raise QMPError(f"Could not refresh total sector count: "
+                           f"{os.strerror(exc.errno or 0)}") from None
+        with Transaction() as tran:
+            self._update_permissions([node], tran)
+        node.opened = True
         return node
 
     def _common(self, opts: Any, parent: NodeOptions | None) -> NodeOptions:
@@ -127,51 +338,16 @@ class BlockGraph:
             if name not in self.nodes:
                 return name
 
-    def _open(self, opts: Any, parent: NodeOptions | None,
-              created: list[BlockNode]) -> BlockNode:
-        driver = str(_value(opts.driver))
-        common = self._common(opts, parent)
-        ctx = main_context()
-        node: BlockNode
-        if driver == "raw":
-            child = self._resolve_ref(opts.file, common, created)
-            name = self._check_common(common, getattr(opts, "node_name", None))
-            raw = open_raw(name, common, child.ctx, opts)
-            raw.attach_file(child)
-            node = raw
-        else:
-            name = self._check_common(common, getattr(opts, "node_name", None))
-            if driver == "file":
-                node = open_file(name, common, ctx, opts)
-            elif driver in ("null-co", "null-aio"):
-                node = open_null(name, common, ctx, opts, driver)
-            else:
-                raise QMPError(f"Unknown driver '{driver}'")
-        self.nodes[name] = node
-        created.append(node)
-        _ref_ctx(node.ctx)
-        permissions.refresh(node, {})
-        return node
-
-    def _resolve_ref(self, ref: Any, common: NodeOptions, created: list[BlockNode]
-                     ) -> BlockNode:
-        """A BlockdevRef: a node-name reference or a nested definition."""
-        if isinstance(ref, str):
-            node = self.nodes.get(ref)
-            if node is None:
-                raise QMPError(f"Cannot find device='{ref}' nor node-name='{ref}'")
-            return node
-        return self._open(ref, common, created)
-
     def _destroy(self, node: BlockNode) -> None:
         """Unlinks and closes a node that nobody uses; children it owned go too."""
-        for edge in list(node.children):
-            node.children.remove(edge)
-            child = edge.node
-            child.parents.remove(edge)
-            permissions.refresh(child, {})
-            if not child.parents and not child.monitor_owned and not child.backends:
-                self._destroy(child)
+        if node.closed:
+            return
+        node.closed = True
+        for child in list(node.children):
+            self.detach_child(child)
+            below = child.node
+            if not below.parents and not below.monitor_owned:
+                self._destroy(below)
         if self.nodes.get(node.node_name) is node:
             del self.nodes[node.node_name]
             _unref_ctx(node.ctx)
@@ -180,20 +356,21 @@ class BlockGraph:
     # ---- blockdev-del --------------------------------------------------------------------
 
     async def blockdev_del(self, node_name: str) -> None:
-        node = self.nodes.get(node_name)
-        if node is None:
-            raise QMPError(f"Failed to find node with node-name='{node_name}'")
-        if node.backends:
-            raise QMPError(f"Node {node_name} is in use")
-        if not node.monitor_owned:
-            raise QMPError(f"Node {node_name} is not owned by the monitor")
-        if node.parents:
-            raise QMPError(f"Block device {node_name} is in use")
-        async with drain.drained(self.lock, [node]):
-            if node.backends or node.parents or self.nodes.get(node_name) is not node:
+        async with self.changing:
+            node = self.find_node(node_name)
+            if node is None:
+                raise QMPError(f"Failed to find node with node-name='{node_name}'")
+            if users(node):
                 raise QMPError(f"Node {node_name} is in use")
-            with self.lock.write():
-                self._destroy(node)
+            if not node.monitor_owned:
+                raise QMPError(f"Node {node_name} is not owned by the monitor")
+            if node.parents:
+                raise QMPError(f"Block device {node_name} is in use")
+            async with drain.drained(self.lock, [node]):
+                if node.parents or self.nodes.get(node_name) is not node:
+                    raise QMPError(f"Node {node_name} is in use")
+                with self.lock.write():
+                    self._destroy(node)
 
     # ---- AioContexts ---------------------------------------------------------------------
 
@@ -206,51 +383,57 @@ class BlockGraph:
             if id(n) in seen:
                 continue
             seen[id(n)] = n
-            todo.extend(e.node for e in n.children)
-            todo.extend(e.parent_node for e in n.parents if e.parent_node is not None)
+            todo.extend(c.node for c in n.children)
+            todo.extend(c.parent_node for c in n.parents if c.parent_node is not None)
         return list(seen.values())
 
     async def set_aio_context(self, node: BlockNode, ctx: AioContext) -> None:
         """Moves the node with everything connected to it (QEMU's
-        bdrv_try_change_aio_context): drain, then change under the write lock."""
-        nodes = self.component(node)
-        if all(n.ctx is ctx for n in nodes):
-            return
-        for n in nodes:
-            for blk in n.backends:
-                if not blk.allow_aio_context_change:
-                    raise QMPError("Cannot change iothread of active block backend")
-        async with drain.drained(self.lock, nodes):
-            with self.lock.write():
+        bdrv_try_change_aio_context): every user outside the graph may refuse; then
+        drain, change under the write lock, and tell the users (still drained)."""
+        async with self.changing:
+            nodes = self.component(node)
+            if all(n.ctx is ctx for n in nodes):
+                return
+            for n in nodes:
+                for child in users(n):
+                    error = child.parent.child_aio_context_check(child, ctx)
+                    if error is not None:
+                        raise QMPError(error)
+            async with drain.drained(self.lock, nodes):
+                with self.lock.write():
+                    for n in nodes:
+                        if n.ctx is not ctx:
+                            _unref_ctx(n.ctx)
+                            n.ctx = ctx
+                            _ref_ctx(ctx)
+                            n.attach_aio_context(ctx)
                 for n in nodes:
-                    if n.ctx is not ctx:
-                        _unref_ctx(n.ctx)
-                        n.ctx = ctx
-                        _ref_ctx(ctx)
+                    for child in users(n):
+                        await child.parent.child_aio_context_changed(child, ctx)
 
     # ---- block_resize ----------------------------------------------------------------------
 
     async def block_resize(self, device: str | None, node_name: str | None, size: int) -> None:
-        from qsd.block.backend import BlockBackend
-
-        node = self.nodes.get(node_name) if node_name is not None else None
+        node = self.find_node(node_name) if node_name is not None else None
         if node is None:
             raise QMPError(f"Cannot find device='{device or ''}' nor "
                            f"node-name='{node_name or ''}'")
         if size < 0:
             raise QMPError("Parameter 'size' expects a >0 size")
-        blk = BlockBackend(self, node, perm=permissions.PERM_RESIZE,
-                           shared=permissions.PERM_ALL)
+        child = self.attach_child(_TemporaryUser(), node, "root",
+                                  ChildRole.FILTERED | ChildRole.PRIMARY,
+                                  PERM_RESIZE, PERM_ALL)
         try:
             async with drain.drained(self.lock, [node]):
                 if node.read_only:
                     raise QMPError("Image is read-only")
                 try:
-                    await node.truncate(size, False, "off")
+                    await io.truncate(child, size, False, "off")
                 except OSError as exc:
                     raise QMPError(str(exc.strerror)) from exc
         finally:
-            await blk.detach()
+            self.detach_child(child)
 
     # ---- shutdown ------------------------------------------------------------------------
 
@@ -266,63 +449,95 @@ class BlockGraph:
         for node in list(self.nodes.values()):
             self._destroy(node)
 
-    # ---- queries ---------------------------------------------------------------------------
 
-    def block_device_info(self, node: BlockNode) -> dict[str, object]:
-        """QAPI BlockDeviceInfo for query-named-block-nodes, members in schema order."""
-        image: dict[str, object] = {
-            "filename": node.filename,
-            "format": node.format_name,
-        }
-        if node.has_dirty_flag():
-            image["dirty-flag"] = False
-        image["actual-size"] = node.allocated_size()
-        image["virtual-size"] = node.length()
-        return {
-            "file": node.filename,
-            "node-name": node.node_name,
-            "ro": node.read_only,
-            "drv": node.driver,
-            "backing_file_depth": 0,
-            "encrypted": False,
-            "detect_zeroes": node.opts.detect_zeroes,
-            "bps": 0, "bps_rd": 0, "bps_wr": 0,
-            "iops": 0, "iops_rd": 0, "iops_wr": 0,
-            "image": image,
-            "cache": {"writeback": True, "direct": node.opts.cache_direct,
-                      "no-flush": node.opts.cache_no_flush},
-            "write_threshold": 0,
-            "active": True,
-        }
+class _Opener:
+    """What a driver's open() gets to link its children (node.ChildOpener): references
+    to existing nodes, or nested definitions opened with the parent's inherited options."""
 
-    def query_named_block_nodes(self, flat: bool = False) -> list[dict[str, object]]:
-        """Newest first, like QEMU (its list is built by prepending)."""
-        return [self.block_device_info(n) for n in reversed(list(self.nodes.values()))]
+    def __init__(self, graph: BlockGraph, common: NodeOptions,
+                 created: list[BlockNode]) -> None:
+        self._graph = graph
+        self._common = common
+        self._created = created
+        self._resolved: dict[int, BlockNode] = {}
+        self.ctx: AioContext | None = None
 
-    def x_debug_query_block_graph(self) -> dict[str, object]:
-        """XDbgBlockGraph with QEMU's numbering: backends, then nodes in creation order;
-        ids are assigned on first sight and both lists come out reversed (prepended)."""
-        ids: dict[int, int] = {}
-        nodes: list[dict[str, object]] = []
-        edges: list[dict[str, object]] = []
+    async def resolve(self, ref: Any) -> BlockNode:
+        """A BlockdevRef: a node-name reference or a nested definition (a model, or the
+        wire form a driver made up, e.g. from an image header's backing file name)."""
+        node = self._resolved.get(id(ref))
+        if node is not None:
+            return node
+        if isinstance(ref, str):
+            found = self._graph.find_node(ref)
+            if found is None:
+                raise QMPError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            node = found
+        else:
+            opts = parse_type("BlockdevOptions", ref) if isinstance(ref, dict) else ref
+            node = await self._graph.open_node(opts, self._common, self._created)
+        self._resolved[id(ref)] = node
+        if self.ctx is None:
+            self.ctx = node.ctx
+        return node
 
-        def num(obj: object) -> int:
-            return ids.setdefault(id(obj), len(ids) + 1)
+    async def open_child(self, parent: BlockNode, ref: Any, name: str,
+                         role: ChildRole) -> Child:
+        node = await self.resolve(ref)
+        return self._graph.attach_child(parent, node, name, role)
 
-        def add_edges(parent: object, children: Iterable[permissions.Edge]) -> None:
-            for edge in children:
-                edges.append({"parent": num(parent), "child": num(edge.node),
-                              "name": edge.name,
-                              "perm": permissions.qapi_perm_list(edge.perm),
-                              "shared-perm": permissions.qapi_perm_list(edge.shared)})
 
-        for blk in self.backends:
-            nodes.append({"id": num(blk), "type": "block-backend", "name": ""})
-            add_edges(blk, [blk.edge])
-        for node in self.nodes.values():
-            nodes.append({"id": num(node), "type": "block-driver", "name": node.node_name})
-            add_edges(node, node.children)
-        return {"nodes": nodes[::-1], "edges": edges[::-1]}
+def _set_perm(child: Child, perm: int, shared: int) -> None:
+    child.perm, child.shared = perm, shared
+
+
+def _move_back(child: Child, old: BlockNode, index: int) -> None:
+    child.node.parents.remove(child)
+    old.parents.insert(index, child)
+    child.node = old
+
+
+def users(node: BlockNode) -> list[Child]:
+    """The edges into ``node`` whose owners are outside the graph (BlockBackends; QEMU's
+    bdrv_has_blk() asks whether there is any)."""
+    return [child for child in node.parents if child.parent_node is None]
+
+
+def _check_allowed(a: Child, b: Child) -> None:
+    """QEMU's bdrv_a_allow_b(): does ``a`` share everything ``b`` needs?"""
+    if b.perm & a.shared == b.perm:
+        return
+    node = a.node.node_name
+    raise QMPError(
+        f"Permission conflict on node '{node}': permissions "
+        f"'{perm_names(b.perm & ~a.shared)}' are both required by {b.describe()} (uses "
+        f"node '{node}' as '{b.name}' child) and unshared by {a.describe()} (uses node "
+        f"'{node}' as '{a.name}' child).")
+
+
+def _top_down(roots: list[BlockNode]) -> list[BlockNode]:
+    """``roots`` and everything below them, each node after all of its parents among
+    them (a node's permissions depend on all of its parents' edges)."""
+    below: dict[int, BlockNode] = {}
+    todo = list(roots)
+    while todo:
+        node = todo.pop()
+        if id(node) not in below:
+            below[id(node)] = node
+            todo.extend(c.node for c in node.children)
+    waiting = {key: sum(1 for c in node.parents
+                        if c.parent_node is not None and id(c.parent_node) in below)
+               for key, node in below.items()}
+    ready = [node for node in below.values() if not waiting[id(node)]]
+    order: list[BlockNode] = []
+    while ready:
+        node = ready.pop(0)
+        order.append(node)
+        for child in node.children:
+            waiting[id(child.node)] -= 1
+            if not waiting[id(child.node)]:
+                ready.append(child.node)
+    return order
 
 
 def _ref_ctx(ctx: AioContext) -> None:

@@ -1,22 +1,17 @@
-"""Block permissions: what each user of a node takes and what it lets others take.
+"""Block permissions and child roles: what each user of a node takes and lets others take.
 
-The model is QEMU's: every edge into a node (a BlockBackend's ``root`` or a parent node's
-``file`` child) carries ``perm`` (what the user needs) and ``shared`` (what it tolerates in
-others).  A node's cumulative permissions are the union of its parents' ``perm`` and the
-intersection of their ``shared``; a change is refused when one parent needs something
-another does not share, with QEMU's error text, so that management tools see the same
-conflicts as with QEMU.
+The model is QEMU's: every child edge into a node carries ``perm`` (what the user needs)
+and ``shared`` (what it tolerates in others).  A node's cumulative permissions are the
+union of its parents' ``perm`` and the intersection of their ``shared``; a change is
+refused when one parent needs something another does not share, with QEMU's error text,
+so that management tools see the same conflicts as with QEMU.  The graph module applies
+changes (``BlockGraph`` in graph.py); this module only knows the bits, their names and
+what a parent passes on to a child by default, by the child's role.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-from qsd.errors import QMPError
-
-if TYPE_CHECKING:
-    from qsd.block.node import BlockNode
+import enum
 
 PERM_CONSISTENT_READ = 0x01
 PERM_WRITE = 0x02
@@ -30,6 +25,20 @@ QAPI_NAMES = ("consistent-read", "write", "write-unchanged", "resize")
 # ... and in error messages (QEMU's bdrv_perm_names()).
 _TEXT_NAMES = ("consistent read", "write", "write unchanged", "resize")
 
+# What a filter passes through unchanged (QEMU's DEFAULT_PERM_PASSTHROUGH).
+_PASSTHROUGH = PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED | PERM_RESIZE
+
+
+class ChildRole(enum.IntFlag):
+    """What a child is to its parent (QEMU's BdrvChildRole)."""
+
+    DATA = 0x01          # guest data is stored here
+    METADATA = 0x02      # the parent's format metadata is stored here
+    FILTERED = 0x04      # the parent presents this child's data unchanged
+    COW = 0x08           # backing: data the parent has not overwritten comes from here
+    PRIMARY = 0x10       # the child whose filename stands for the parent's
+    IMAGE = DATA | METADATA
+
 
 def perm_names(perm: int) -> str:
     """Permissions as QEMU lists them in errors: ``'write, resize'``."""
@@ -41,92 +50,30 @@ def qapi_perm_list(perm: int) -> list[str]:
     return [QAPI_NAMES[bit] for bit in reversed(range(PERM_MAX)) if perm & (1 << bit)]
 
 
-class Edge:
-    """One user of a node: QEMU's BdrvChild.
+def default_child_perm(role: ChildRole, perm: int, shared: int,
+                       writable: bool) -> tuple[int, int]:
+    """What a parent with cumulative (perm, shared) needs from a child in ``role``.
 
-    ``describe`` gives the parent's description for error messages (QEMU's
-    ``get_parent_desc``): ``an unnamed block device`` for a BlockBackend, ``node 'X'``
-    for a parent node.
+    QEMU's bdrv_default_perms(): filters pass everything through; a backing (COW) child
+    is only read; a data or metadata child is read consistently, written when the parent
+    writes (metadata: whenever the parent is writable), and nobody else may resize it.
     """
-
-    __slots__ = ("name", "node", "perm", "shared", "describe", "parent_node")
-
-    def __init__(self, name: str, node: BlockNode, describe: Callable[[], str],
-                 parent_node: BlockNode | None = None) -> None:
-        self.name = name
-        self.node = node
-        self.perm = 0
-        self.shared = PERM_ALL
-        self.describe = describe
-        self.parent_node = parent_node
-
-
-def _conflict(a: Edge, b: Edge, perm_b: int, shared_a: int) -> QMPError | None:
-    """QEMU's bdrv_a_allow_b(): does ``a`` share everything ``b`` needs?"""
-    if perm_b & shared_a == perm_b:
-        return None
-    node = a.node.node_name
-    return QMPError(
-        f"Permission conflict on node '{node}': permissions '{perm_names(perm_b & ~shared_a)}'"
-        f" are both required by {b.describe()} (uses node '{node}' as '{b.name}' child) and"
-        f" unshared by {a.describe()} (uses node '{node}' as '{a.name}' child).")
-
-
-def refresh(node: BlockNode, changes: dict[Edge, tuple[int, int]]) -> None:
-    """Applies new (perm, shared) values to edges of ``node`` and propagates downwards.
-
-    Either every node below accepts (parents compatible, write access only on writable
-    nodes, file locks obtained) and everything is committed, or nothing changes and the
-    first error is raised: QEMU's transactional bdrv_refresh_perms().
-    """
-    plan: dict[Edge, tuple[int, int]] = dict(changes)
-    prepared: list[BlockNode] = []
-    try:
-        _check_node(node, plan, prepared)
-    except QMPError:
-        for n in reversed(prepared):
-            n.abort_perm()
-        raise
-    for n in prepared:
-        n.commit_perm()
-    for edge, (perm, shared) in plan.items():
-        edge.perm, edge.shared = perm, shared
-
-
-def _values(edge: Edge, plan: dict[Edge, tuple[int, int]]) -> tuple[int, int]:
-    return plan.get(edge, (edge.perm, edge.shared))
-
-
-def cumulative(node: BlockNode, plan: dict[Edge, tuple[int, int]] | None = None
-               ) -> tuple[int, int]:
-    """The union of the parents' perm and the intersection of their shared permissions."""
-    perm, shared = 0, PERM_ALL
-    for edge in node.parents:
-        p, s = plan.get(edge, (edge.perm, edge.shared)) if plan else (edge.perm, edge.shared)
-        perm |= p
-        shared &= s
-    return perm, shared
-
-
-def _check_node(node: BlockNode, plan: dict[Edge, tuple[int, int]],
-                prepared: list[BlockNode]) -> None:
-    parents = node.parents
-    for a in parents:
-        shared_a = _values(a, plan)[1]
-        for b in parents:
-            if a is not b:
-                error = _conflict(a, b, _values(b, plan)[0], shared_a)
-                if error is not None:
-                    raise error
-    perm, shared = cumulative(node, plan)
-    if perm & (PERM_WRITE | PERM_WRITE_UNCHANGED) and node.read_only:
-        raise QMPError("Block node is read-only")
-    node.check_perm(perm, shared)
-    prepared.append(node)
-    for child in node.children:
-        nperm, nshared = node.child_perm(child, perm, shared)
-        if child.node.force_share:
-            nshared = PERM_ALL
-        if (nperm, nshared) != _values(child, plan) or child in plan:
-            plan[child] = (nperm, nshared)
-            _check_node(child.node, plan, prepared)
+    if role & ChildRole.FILTERED:
+        return perm & _PASSTHROUGH, shared & _PASSTHROUGH
+    if role & ChildRole.COW:
+        nperm = perm & PERM_CONSISTENT_READ
+        nshared = (PERM_WRITE | PERM_RESIZE) if shared & PERM_WRITE else 0
+        return nperm, nshared | PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
+    nperm, nshared = perm & _PASSTHROUGH, shared & _PASSTHROUGH
+    if role & ChildRole.METADATA:
+        if writable:
+            nperm |= PERM_WRITE | PERM_RESIZE
+        nperm |= PERM_CONSISTENT_READ
+        nshared &= ~(PERM_WRITE | PERM_RESIZE)
+    if role & ChildRole.DATA:
+        nshared &= ~PERM_RESIZE
+        if nperm & PERM_WRITE_UNCHANGED:
+            nperm |= PERM_WRITE
+        if nperm & PERM_WRITE:
+            nperm |= PERM_RESIZE
+    return nperm, nshared

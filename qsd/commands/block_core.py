@@ -1,10 +1,12 @@
-"""QMP commands of QEMU's block-core area: thin wrappers around qsd.block.graph."""
+"""QMP commands of QEMU's block-core area: thin wrappers around qsd.block."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from qsd.aio import main_context
+from qsd.block import query
+from qsd.block.graph import users
 from qsd.commands.registry import command
 from qsd.errors import QMPError
 from qsd.qapi.generated import (
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 
 @command("blockdev-add")
 async def blockdev_add(daemon: Daemon, args: BlockdevOptions) -> None:
-    daemon.graph.blockdev_add(args)
+    await daemon.graph.blockdev_add(args)
 
 
 @command("blockdev-del")
@@ -31,7 +33,7 @@ async def blockdev_del(daemon: Daemon, args: BlockdevDelArgs) -> None:
 
 @command("query-named-block-nodes")
 async def query_named_block_nodes(daemon: Daemon, args: QueryNamedBlockNodesArgs) -> object:
-    return daemon.graph.query_named_block_nodes(bool(args.flat))
+    return query.query_named_block_nodes(daemon.graph, bool(args.flat))
 
 
 @command("query-block")
@@ -47,7 +49,7 @@ async def block_resize(daemon: Daemon, args: BlockResizeArgs) -> None:
 
 @command("x-debug-query-block-graph")
 async def x_debug_query_block_graph(daemon: Daemon, args: None) -> object:
-    return daemon.graph.x_debug_query_block_graph()
+    return query.x_debug_query_block_graph(daemon.graph)
 
 
 @command("x-blockdev-set-iothread")
@@ -55,7 +57,7 @@ async def x_blockdev_set_iothread(daemon: Daemon, args: XBlockdevSetIothreadArgs
     node = daemon.graph.find_node(args.node_name)
     if node is None:
         raise QMPError(f"Failed to find node with node-name='{args.node_name}'")
-    if not args.force and node.backends:
+    if not args.force and users(node):
         raise QMPError(f"Node {args.node_name} is associated with a BlockBackend and could "
                        "be in use (use force=true to override this check)")
     if isinstance(args.iothread, str):

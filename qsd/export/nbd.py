@@ -82,6 +82,7 @@ class NbdExport(BlockExport):
         served = ServedExport(name, description, size - size % BDRV_SECTOR_SIZE, flags,
                               bool(opts.allocation_depth), blk, contexts[0])
         blk.set_dev_ops(served.drained_begin, served.drained_end, served.drained_poll)
+        blk.add_aio_context_notifier(served.aio_context_changed)
         server.exports[name] = served
         return cls(daemon, opts.id, opts.node_name, blk, contexts, server, served)
 

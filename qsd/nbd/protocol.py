@@ -6,6 +6,7 @@ the lookup names are ``nbd/common.c``'s, because QEMU's error texts embed them.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import struct
 
@@ -212,3 +213,11 @@ class MetaContexts:
         self.base_allocation = False
         self.allocation_depth = False
         self.count = 0
+
+
+class SocketCarrier(asyncio.Protocol):
+    """The protocol object on a client's socket (the client, or TLS in between)."""
+
+    def release_transport(self) -> asyncio.Transport | None:
+        """Lets go of the socket's transport without closing anything (a move)."""
+        raise NotImplementedError

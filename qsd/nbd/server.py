@@ -29,7 +29,9 @@ class ServedExport:
     """What the NBD server knows of one export: its handshake data, backend and clients.
 
     The export driver (``qsd.export.nbd``) creates it and registers it by name; the
-    drain hooks here are what it installs with ``blk.set_dev_ops``.
+    drain hooks here are what it installs with ``blk.set_dev_ops``, and
+    ``aio_context_changed`` what it registers for moves of the node to another iothread:
+    new clients are then served in the new context and connected ones move there.
     """
 
     def __init__(self, name: str, description: str | None, size: int, nbdflags: int,
@@ -46,6 +48,8 @@ class ServedExport:
         self._lock = threading.Lock()
         self._clients: list[NbdClient] = []
         self._pending = 0  # negotiated, on their way to the export's context
+        # Main loop: a move of the clients and closing them never interleave.
+        self._switching = asyncio.Lock()
 
     def clients(self) -> list[NbdClient]:
         with self._lock:
@@ -74,14 +78,35 @@ class ServedExport:
     def drained_poll(self) -> bool:
         return any(client.inflight for client in self.clients())
 
-    async def attach(self, sock: socket.socket, negotiated: Negotiated,
+    async def aio_context_changed(self, ctx: AioContext) -> None:
+        """The node moved to ``ctx`` (main loop, node drained): so do the clients.
+
+        New clients go to ``ctx`` from now on; those still on their way are waited for,
+        then every connected client leaves its loop and is adopted by ``ctx``'s.
+        """
+        async with self._switching:
+            self.ctx = ctx
+            while self.pending():
+                await asyncio.sleep(0.001)
+            for client in self.clients():
+                if client.ctx is ctx:
+                    continue
+                sock = await client.ctx.call(client.detach())
+                if sock is not None:
+                    await ctx.call(client.adopt(ctx, sock))
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending
+
+    async def attach(self, ctx: AioContext, sock: socket.socket, negotiated: Negotiated,
                      on_finished: Callable[[NbdClient], None]) -> None:
-        """Runs in the export's context: starts serving a negotiated client there."""
+        """Runs in ``ctx``, the export's context: starts serving a negotiated client."""
         loop = asyncio.get_running_loop()
-        client = NbdClient(self, negotiated.mode, negotiated.contexts, on_finished)
-        protocol: asyncio.Protocol = client
+        client = NbdClient(self, ctx, negotiated.mode, negotiated.contexts, on_finished)
         if negotiated.channel is not None:
-            protocol = TlsTransport(negotiated.channel, client)
+            client.carrier = TlsTransport(negotiated.channel, client)
+        protocol = client.carrier
         try:
             transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
         except BaseException:
@@ -104,11 +129,12 @@ class ServedExport:
 
     async def close(self) -> None:
         """Drops every client (QEMU's client_close) and waits until their requests end."""
-        with self._lock:
-            self.closed = True
-            clients = list(self._clients)
-        if clients:
-            await self.ctx.call(_abort_all(clients))
+        async with self._switching:
+            with self._lock:
+                self.closed = True
+                clients = list(self._clients)
+            if clients:
+                await self.ctx.call(_abort_all(clients))
 
 
 async def _abort_all(clients: list[NbdClient]) -> None:
@@ -293,7 +319,8 @@ class NbdServer:
                 main.call_soon_threadsafe(self._client_finished, export, client)
 
             attaching = True
-            await export.ctx.call(export.attach(sock, negotiated, finished))
+            ctx = export.ctx
+            await ctx.call(export.attach(ctx, sock, negotiated, finished))
         except asyncio.CancelledError:
             if not attaching:  # once attached, the client's own close accounts for it
                 sock.close()

@@ -21,6 +21,7 @@ from qsd.authz import is_allowed_by_id
 from qsd.crypto.engine import TlsClosed, TlsEngine, TlsFailure
 from qsd.crypto.tlscreds import TlsCreds, TlsCredsX509, dn_string
 from qsd.errors import QMPError
+from qsd.nbd.protocol import SocketCarrier
 
 _LINGER_SECONDS = 1.0
 
@@ -121,7 +122,7 @@ class TlsChannel:
         await self._push()
 
 
-class TlsTransport(asyncio.Transport, asyncio.Protocol):
+class TlsTransport(asyncio.Transport, SocketCarrier):
     """The transmission phase over TLS: a protocol for the raw socket and a transport for
     ``NbdClient``. Records are decrypted as they arrive and handed on in one
     ``data_received`` call; replies are encrypted and written at once."""
@@ -213,6 +214,12 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
 
     def is_closing(self) -> bool:
         return self._closing or (self._raw is not None and self._raw.is_closing())
+
+    def release_transport(self) -> asyncio.Transport | None:
+        """Hands the socket's transport over for a move; the session stays as it is
+        and goes on on the transport the next connection_made brings."""
+        raw, self._raw = self._raw, None
+        return raw
 
     def get_write_buffer_size(self) -> int:
         return 0 if self._raw is None else self._raw.get_write_buffer_size()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import struct
 import sys
 import threading
@@ -64,11 +65,13 @@ from qsd.nbd.protocol import (
     STRUCTURED_CHUNK,
     MetaContexts,
     Mode,
+    SocketCarrier,
     cmd_name,
     nbd_errno,
 )
 
 if TYPE_CHECKING:
+    from qsd.aio import AioContext
     from qsd.nbd.server import ServedExport
 
 _EINVAL = 22
@@ -99,12 +102,21 @@ def report(message: str) -> None:
     sys.stderr.flush()
 
 
-class NbdClient(asyncio.Protocol):
+class NbdClient(SocketCarrier):
     """One negotiated client connection; lives in (and is only touched from) one loop,
-    except for ``quiescing``/``inflight``, which the drain hooks use from the main thread."""
+    except for ``quiescing``/``inflight``, which the drain hooks use from the main thread.
 
-    def __init__(self, export: ServedExport, mode: int, contexts: MetaContexts,
-                 on_finished: Callable[[NbdClient], None]) -> None:
+    When the export's node moves to another iothread the connection moves along, while
+    drained: ``detach`` takes the socket out of the old loop (a duplicate of its fd keeps
+    it open while the old transport is dropped), ``adopt`` serves it in the new one.
+    ``carrier`` is the protocol on the socket: the client itself, or the TLS layer that
+    decrypts for it; either hands over its socket transport with ``release_transport``.
+    """
+
+    def __init__(self, export: ServedExport, ctx: AioContext, mode: int,
+                 contexts: MetaContexts, on_finished: Callable[[NbdClient], None]) -> None:
+        self.ctx = ctx
+        self.carrier: SocketCarrier = self
         self.blk = export.blk
         self.size = export.size
         self.read_only = bool(export.nbdflags & NBD_FLAG_READ_ONLY)
@@ -125,6 +137,8 @@ class NbdClient(asyncio.Protocol):
         self.disconnecting = False
         self.closing = False
         self.processing = False
+        # Transports dropped by detach(): their connection_lost is no disconnect.
+        self._dropped = 0
         self.finished: asyncio.Future[None] = self.loop.create_future()
         if self.extended:
             self._header = EXTENDED_REQUEST
@@ -139,6 +153,10 @@ class NbdClient(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if self.closing:
             self.transport.abort()
+            return
+        # A fresh transport reads; a moved client may still have to wait for drain's end.
+        self.reading_paused = False
+        self._update_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.disconnecting or self.closing:
@@ -162,6 +180,9 @@ class NbdClient(asyncio.Protocol):
         self._kick()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._dropped:
+            self._dropped -= 1
+            return
         self.closing = True
         self.buf.clear()
         self.loop.create_task(self._finish())
@@ -209,6 +230,42 @@ class NbdClient(asyncio.Protocol):
         with self.lock:
             self.quiescing = False
         self.loop.call_soon_threadsafe(self._kick)
+
+    def release_transport(self) -> asyncio.Transport | None:
+        transport, self.transport = self.transport, None
+        return transport
+
+    async def detach(self) -> socket.socket | None:
+        """In this client's loop, drained: takes the connection out of the loop.
+
+        Replies still buffered go out first.  Returns a socket on a duplicate of the
+        connection's fd, or None if the client is gone already.
+        """
+        transport = self.transport
+        if transport is None or self.closing:
+            return None
+        while transport.get_write_buffer_size() and not self.closing:
+            await asyncio.sleep(0.001)
+        raw = None if self.closing else self.carrier.release_transport()
+        if raw is None:
+            return None
+        fd = os.dup(raw.get_extra_info("socket").fileno())
+        self._dropped += 1
+        raw.abort()
+        return socket.socket(fileno=fd)
+
+    async def adopt(self, ctx: AioContext, sock: socket.socket) -> None:
+        """In ``ctx``'s loop: serves the connection ``detach`` handed over from here on."""
+        self.ctx = ctx
+        self.loop = asyncio.get_running_loop()
+        self.finished = self.loop.create_future()
+        sock.setblocking(False)
+        try:
+            await self.loop.connect_accepted_socket(lambda: self.carrier, sock)
+        except OSError:
+            sock.close()
+            self.closing = True
+            self.loop.create_task(self._finish())
 
     def abort(self) -> None:
         """Hard removal: drop the connection now; requests in flight still complete."""

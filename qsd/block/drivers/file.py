@@ -2,9 +2,9 @@
 
 Buffered reads and writes first try ``RWF_NOWAIT`` inline on the caller's loop (a page
 cache hit costs one system call and no thread hop); everything else runs in the shared
-pool.  With ``cache.direct`` the fd is O_DIRECT and every request goes through an aligned
-bounce buffer, read-modify-write for unaligned writes, serialised against overlapping
-writes so that no update is lost.
+pool.  With ``cache.direct`` the fd is O_DIRECT: the driver declares the probed request
+alignment as its limit (the block layer pads requests to it, with read-modify-write for
+partial writes) and moves the data through a page-aligned bounce buffer.
 """
 
 from __future__ import annotations
@@ -12,29 +12,31 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import mmap
 import os
 import stat
+import struct
 import threading
-from typing import TYPE_CHECKING, Any, cast
+from typing import cast
 
+from qsd.block.limits import BlockLimits
 from qsd.block.locking import ImageLocks
 from qsd.block.node import (
-    BLOCK_ALLOCATED,
     BLOCK_DATA,
-    BLOCK_EOF,
     BLOCK_OFFSET_VALID,
     BLOCK_ZERO,
     BlockNode,
+    BlockStatus,
+    ChildOpener,
     Data,
     NodeOptions,
     in_pool,
     strerror_oserror,
 )
+from qsd.block.registry import register
 from qsd.errors import QMPError
-
-if TYPE_CHECKING:
-    from qsd.aio import AioContext
+from qsd.qapi.generated import BlockdevOptionsFile
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -57,6 +59,10 @@ _NOWAIT = os.RWF_NOWAIT
 _ZERO_CHUNK = 1 << 20
 
 
+_FS_IOC_FSGETXATTR = 0x801C581F   # _IOR('X', 31, struct fsxattr)
+_FSXATTR = struct.Struct("IIII4x8x")
+
+
 class _Bounce(threading.local):
     """One page-aligned buffer per pool thread for O_DIRECT requests."""
 
@@ -73,26 +79,29 @@ class _Bounce(threading.local):
 _bounce = _Bounce()
 
 
+@register("file", options=BlockdevOptionsFile)
 class FileNode(BlockNode):
-    driver = "file"
-    format_name = "file"
+    is_protocol = True
 
-    def __init__(self, node_name: str, opts: NodeOptions, ctx: AioContext, *, filename: str,
-                 locking: str = "auto", aio: str = "threads") -> None:
-        super().__init__(node_name, opts, ctx)
-        self._filename = filename
-        self.aio = aio
-        if aio == "native" and not opts.cache_direct:
+    fd = -1
+    locks: ImageLocks | None = None
+    align = 1
+    _filename = ""
+
+    async def open(self, options: BlockdevOptionsFile, children: ChildOpener) -> None:
+        aio = options.aio.value if options.aio is not None else "threads"
+        locking = options.locking.value if options.locking is not None else "auto"
+        self._filename = options.filename
+        if aio == "native" and not self.opts.cache_direct:
             raise QMPError("aio=native was specified, but it requires cache.direct=on, "
                            "which was not specified.")
-        self.fd = self._open(filename, opts)
-        self.locks = ImageLocks(self.fd, filename) if locking != "off" else None
-        self.align = self._probe_alignment() if opts.cache_direct else 1
-        self._nowait_read = not opts.cache_direct
-        self._nowait_write = not opts.cache_direct
+        self.fd = self._open(options.filename, self.opts)
+        self.locks = ImageLocks(self.fd, options.filename) if locking != "off" else None
+        self.align = self._probe_alignment() if self.opts.cache_direct else 1
+        self._nowait_read = not self.opts.cache_direct
+        # detect-zeroes has to look at every write: those take the long way.
+        self._nowait_write = not self.opts.cache_direct and self.opts.detect_zeroes == "off"
         self._write_flags = _NOWAIT
-        self._ranges: list[tuple[int, int]] = []
-        self._ranges_cond = threading.Condition()
 
     def _open(self, filename: str, opts: NodeOptions) -> int:
         flags = os.O_CLOEXEC | (os.O_DIRECT if opts.cache_direct else 0)
@@ -128,9 +137,34 @@ class FileNode(BlockNode):
         finally:
             buf.close()
 
-    @property
-    def filename(self) -> str:
+    def driver_limits(self, bl: BlockLimits) -> None:
+        """O_DIRECT needs requests and buffers aligned to the probed size (buffers are
+        ours to align: every O_DIRECT request goes through a page-aligned bounce)."""
+        bl.request_alignment = self.align
+        bl.min_mem_alignment = self.align
+        bl.opt_mem_alignment = max(self.align, mmap.PAGESIZE)
+
+    def exact_filename(self) -> str:
         return self._filename
+
+    def get_length(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def allocated_size(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def format_specific(self) -> dict[str, object] | None:
+        """file-posix's: the extent size hint where the file system has one (XFS)."""
+        data: dict[str, object] = {}
+        try:
+            attr = fcntl.ioctl(self.fd, _FS_IOC_FSGETXATTR, bytes(_FSXATTR.size))
+        except OSError:
+            attr = None
+        if attr is not None:
+            extsize = _FSXATTR.unpack(attr)[1]
+            if extsize:
+                data["extent-size-hint"] = extsize
+        return {"type": "file", "data": data}
 
     # ---- permissions: image locking ------------------------------------------------------
 
@@ -147,9 +181,6 @@ class FileNode(BlockNode):
             self.locks.abort()
 
     # ---- fast paths ----------------------------------------------------------------------
-
-    def length(self) -> int:
-        return os.fstat(self.fd).st_size
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         if not self._nowait_read:
@@ -168,7 +199,8 @@ class FileNode(BlockNode):
         return cast(bytes, buf) if got == length else None
 
     def write_nowait(self, offset: int, data: Data, fua: bool = False) -> bool:
-        if fua or self._detect or not self._nowait_write:
+        # Growing writes go the long way, which keeps the cached length right.
+        if fua or not self._nowait_write or offset + len(data) > self._length:
             return False
         try:
             done = _pwritev(self.fd, (data,), offset, self._write_flags)
@@ -203,72 +235,41 @@ class FileNode(BlockNode):
         done = 0
         while done < len(data):
             done += _pwritev(self.fd, (view[done:],), offset + done)
-        if fua:
-            self._flush_sync()
+        self._fua(fua)
 
     def _direct_read(self, offset: int, length: int) -> bytes:
-        start = offset - offset % self.align
-        end = -(-(offset + length) // self.align) * self.align
-        buf = _bounce.get(end - start)
-        view = memoryview(buf)[:end - start]
+        """An aligned O_DIRECT read through this thread's aligned buffer."""
+        view = memoryview(_bounce.get(length))[:length]
         got = 0
-        while got < end - start:
-            n = _preadv(self.fd, [view[got:]], start + got)
+        while got < length:
+            n = _preadv(self.fd, [view[got:]], offset + got)
             if n == 0:
+                view[got:] = bytes(length - got)
                 break
             got += n
-        if got < end - start:
-            view[got:] = bytes(end - start - got)
-        data = bytes(view[offset - start:offset - start + length])
+        data = bytes(view)
         view.release()
         return data
 
     def _direct_write(self, offset: int, data: Data, fua: bool) -> None:
-        start = offset - offset % self.align
-        end = -(-(offset + len(data)) // self.align) * self.align
-        self._claim(start, end)
-        try:
-            buf = _bounce.get(end - start)
-            view = memoryview(buf)[:end - start]
-            if start != offset or end != offset + len(data):
-                got = 0
-                while got < end - start:
-                    n = _preadv(self.fd, [view[got:]], start + got)
-                    if n == 0:
-                        view[got:] = bytes(end - start - got)
-                        break
-                    got += n
-            view[offset - start:offset - start + len(data)] = data
-            done = 0
-            while done < end - start:
-                done += _pwritev(self.fd, [view[done:]], start + done)
-            view.release()
-        finally:
-            self._release(start, end)
-        if fua:
-            self._flush_sync()
+        """An aligned O_DIRECT write through this thread's aligned buffer."""
+        length = len(data)
+        view = memoryview(_bounce.get(length))[:length]
+        view[:] = data
+        done = 0
+        while done < length:
+            done += _pwritev(self.fd, [view[done:]], offset + done)
+        view.release()
+        self._fua(fua)
 
-    def _claim(self, start: int, end: int) -> None:
-        """Waits until no other O_DIRECT write covers [start, end), then takes it."""
-        with self._ranges_cond:
-            while any(s < end and start < e for s, e in self._ranges):
-                self._ranges_cond.wait()
-            self._ranges.append((start, end))
-
-    def _release(self, start: int, end: int) -> None:
-        with self._ranges_cond:
-            self._ranges.remove((start, end))
-            self._ranges_cond.notify_all()
-
-    def _flush_sync(self) -> None:
-        if not self.opts.cache_no_flush:
+    def _fua(self, fua: bool) -> None:
+        if fua and not self.opts.cache_no_flush:
             os.fdatasync(self.fd)
 
-    def _zeroes_sync(self, offset: int, length: int, may_unmap: bool, no_fallback: bool,
-                     fua: bool) -> None:
-        """QEMU's order: punch a hole if unmapping is allowed, else ZERO_RANGE, else write."""
-        size = self.length()
-        if may_unmap and offset + length <= size:
+    def _zeroes_sync(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
+        """QEMU's order: punch a hole if unmapping is allowed, else ZERO_RANGE; ENOTSUP
+        lets the block layer write zeroes instead."""
+        if may_unmap and offset + length <= os.fstat(self.fd).st_size:
             try:
                 fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
                 return self._fua(fua)
@@ -277,37 +278,20 @@ class FileNode(BlockNode):
                     raise
         try:
             fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length)
-            return self._fua(fua)
         except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
-                raise
-        if no_fallback:
-            raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
-        pos = offset
-        while pos < offset + length:
-            chunk = min(_ZERO_CHUNK, offset + length - pos)
-            self._write_sync(pos, bytes(chunk), False)
-            pos += chunk
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP)) from exc
+            raise
         self._fua(fua)
 
-    def _fua(self, fua: bool) -> None:
-        if fua:
-            self._flush_sync()
-
-    def _write_sync(self, offset: int, data: Data, fua: bool) -> None:
-        if self.opts.cache_direct:
-            self._direct_write(offset, data, fua)
-        else:
-            self._pwrite_full(offset, data, fua)
-
     def _truncate_sync(self, length: int, prealloc: str) -> None:
-        old = self.length()
+        old = os.fstat(self.fd).st_size
         try:
             if prealloc == "falloc" and length > old:
                 os.posix_fallocate(self.fd, old, length - old)
             elif prealloc == "full" and length > old:
                 os.ftruncate(self.fd, length)
-                self._zeroes_sync(old, length - old, False, False, False)
+                self._fill_zeroes(old, length - old)
             elif prealloc not in ("off", "falloc", "full"):
                 raise OSError(errno.ENOTSUP,
                               f"Preallocation mode '{prealloc}' unsupported for this storage")
@@ -317,80 +301,71 @@ class FileNode(BlockNode):
                 raise
             raise strerror_oserror(exc, "Could not resize file") from exc
 
-    def _status_sync(self, offset: int, length: int) -> tuple[int, int]:
-        """Data or hole at ``offset`` from SEEK_DATA/SEEK_HOLE (QEMU's find_allocation)."""
-        size = self.length()
-        if offset >= size:
-            return BLOCK_ZERO | BLOCK_OFFSET_VALID | BLOCK_ALLOCATED | BLOCK_EOF, length
-        end = min(offset + length, size)
+    def _fill_zeroes(self, offset: int, length: int) -> None:
+        """Really allocates zeroes (preallocation=full): ZERO_RANGE, else written."""
         try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length)
+            return
         except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                return self._status_flags(True, offset, end - offset, size)
-            data = size
-        if data > offset:
-            return self._status_flags(False, offset, min(data, end) - offset, size)
-        try:
-            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
-        except OSError:
-            hole = size
-        return self._status_flags(True, offset, max(min(hole, end) - offset, 1), size)
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                raise
+        pos = offset
+        while pos < offset + length:
+            chunk = min(_ZERO_CHUNK, offset + length - pos)
+            self._pwrite_full(pos, bytes(chunk), False)
+            pos += chunk
 
-    @staticmethod
-    def _status_flags(data: bool, offset: int, length: int, size: int) -> tuple[int, int]:
-        flags = (BLOCK_DATA if data else BLOCK_ZERO) | BLOCK_OFFSET_VALID | BLOCK_ALLOCATED
-        if offset + length >= size:
-            flags |= BLOCK_EOF
-        return flags, length
+    # ---- the driver's requests -------------------------------------------------------------
 
-    # ---- asynchronous interface ------------------------------------------------------------
-
-    async def read(self, offset: int, length: int) -> bytes:
-        if self.opts.cache_direct:
+    async def do_read(self, offset: int, length: int) -> bytes:
+        if self.align > 1:
             return await in_pool(self._direct_read, offset, length)
         return await in_pool(self._pread_full, offset, length)
 
-    async def _write(self, offset: int, data: Data, fua: bool) -> None:
-        await in_pool(self._write_sync, offset, data, fua)
+    async def do_write(self, offset: int, data: Data, fua: bool) -> None:
+        if self.align > 1:
+            await in_pool(self._direct_write, offset, data, fua)
+        else:
+            await in_pool(self._pwrite_full, offset, data, fua)
 
-    async def _write_zeroes(self, offset: int, length: int, may_unmap: bool,
-                            no_fallback: bool, fua: bool) -> None:
-        await in_pool(self._zeroes_sync, offset, length, may_unmap, no_fallback, fua)
+    async def do_write_zeroes(self, offset: int, length: int, may_unmap: bool,
+                              no_fallback: bool, fua: bool) -> None:
+        await in_pool(self._zeroes_sync, offset, length, may_unmap, fua)
 
-    async def _discard(self, offset: int, length: int) -> None:
-        try:
-            await in_pool(fallocate, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                          offset, length)
-        except OSError as exc:
-            # QEMU ignores -ENOTSUP from discard: it is only a hint.
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
-                raise
+    async def do_discard(self, offset: int, length: int) -> None:
+        # QEMU ignores -ENOTSUP from discard (the block layer does): it is only a hint.
+        await in_pool(fallocate, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      offset, length)
 
-    async def flush(self) -> None:
-        if not self.opts.cache_no_flush:
-            await in_pool(os.fdatasync, self.fd)
+    async def do_flush(self) -> None:
+        await in_pool(os.fdatasync, self.fd)
 
-    async def truncate(self, length: int, exact: bool = False, prealloc: str = "off") -> None:
+    async def do_truncate(self, length: int, exact: bool, prealloc: str) -> None:
         await in_pool(self._truncate_sync, length, prealloc)
 
-    async def block_status(self, offset: int, length: int) -> tuple[int, int]:
-        return self._status_sync(offset, length)
-
-    def allocated_size(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
+    async def do_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
+        """Data or hole from SEEK_DATA/SEEK_HOLE (QEMU's raw_co_block_status)."""
+        if not want_zero:
+            return BlockStatus(BLOCK_DATA | BLOCK_OFFSET_VALID, length, offset, self)
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:       # a trailing hole
+                return BlockStatus(BLOCK_ZERO | BLOCK_OFFSET_VALID, length, offset, self)
+            return BlockStatus(BLOCK_DATA | BLOCK_OFFSET_VALID, length, offset, self)
+        if data > offset:
+            return BlockStatus(BLOCK_ZERO | BLOCK_OFFSET_VALID, min(data - offset, length),
+                               offset, self)
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            return BlockStatus(BLOCK_DATA | BLOCK_OFFSET_VALID, length, offset, self)
+        count = -(-(hole - offset) // self.align) * self.align
+        return BlockStatus(BLOCK_DATA | BLOCK_OFFSET_VALID, max(count, 1), offset, self)
 
     def close(self) -> None:
         if self.locks is not None:
             self.locks.release()
-        os.close(self.fd)
-        self.fd = -1
-
-
-def open_file(node_name: str, opts: NodeOptions, ctx: AioContext, args: Any) -> FileNode:
-    """Builds the node from a BlockdevOptionsFile model (or any object with its fields)."""
-    locking = getattr(args, "locking", None)
-    aio = getattr(args, "aio", None)
-    return FileNode(node_name, opts, ctx, filename=args.filename,
-                    locking=str(getattr(locking, "value", locking) or "auto"),
-                    aio=str(getattr(aio, "value", aio) or "threads"))
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

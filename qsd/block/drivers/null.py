@@ -7,83 +7,84 @@ caller's loop unless an emulated latency asks for a real wait.
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import TYPE_CHECKING, Any
 
-from qsd.block.node import BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, BlockNode, Data, NodeOptions
-
-if TYPE_CHECKING:
-    from qsd.aio import AioContext
+from qsd.block.node import (
+    BLOCK_OFFSET_VALID,
+    BLOCK_ZERO,
+    BlockNode,
+    BlockStatus,
+    ChildOpener,
+    Data,
+)
+from qsd.block.registry import register
+from qsd.errors import QMPError
+from qsd.qapi.generated import BlockdevOptionsNull
 
 DEFAULT_SIZE = 1 << 30
+INT64_MAX = 2**63 - 1
 
 
+@register("null-co", "null-aio", options=BlockdevOptionsNull)
 class NullNode(BlockNode):
-    def __init__(self, node_name: str, opts: NodeOptions, ctx: AioContext, *, driver: str,
-                 size: int | None = None, latency_ns: int | None = None,
-                 read_zeroes: bool | None = None) -> None:
-        super().__init__(node_name, opts, ctx)
-        self.driver = self.format_name = driver
-        # QEMU keeps a sector count, so the size it reports is rounded up to 512.
-        self.size = -(-(DEFAULT_SIZE if size is None else size) // 512) * 512
-        self.latency = (latency_ns or 0) / 1e9
-        self.read_zeroes = bool(read_zeroes)
-        explicit: dict[str, object] = {}
-        if read_zeroes is not None:
-            explicit["read-zeroes"] = read_zeroes
-        if latency_ns is not None:
-            explicit["latency-ns"] = latency_ns
-        explicit["driver"] = driver
-        if size is not None:
-            explicit["size"] = size
-        self._filename = (f"{driver}://" if len(explicit) == 1
-                          else "json:" + json.dumps(explicit))
+    is_protocol = True
+    has_info = False
+    strong_options = ("size", "read-zeroes")
 
-    @property
-    def filename(self) -> str:
-        return self._filename
+    size = DEFAULT_SIZE
+    latency = 0.0
+    read_zeroes = False
+    _inline_writes = True
 
-    def has_dirty_flag(self) -> bool:
-        return False
+    async def open(self, options: BlockdevOptionsNull, children: ChildOpener) -> None:
+        """QEMU's null_open(): the size is a QemuOpts size (a negative one is out of its
+        range; 11.1.3 aborts there), the latency an int64 (what wraps is invalid)."""
+        if options.size is not None:
+            if options.size < 0:
+                raise QMPError(f"Value '{options.size}' is out of range for parameter 'size'")
+            self.size = options.size
+        latency = options.latency_ns or 0
+        if not 0 <= latency <= INT64_MAX:
+            raise QMPError("latency-ns is invalid")
+        self.latency = latency / 1e9
+        self.read_zeroes = bool(options.read_zeroes)
+        self._inline_writes = not latency and self.opts.detect_zeroes == "off"
 
-    def length(self) -> int:
+    def exact_filename(self) -> str:
+        """``null-co://`` unless a strong option makes it a json: filename."""
+        return "" if self.has_strong_options() else f"{self.driver}://"
+
+    def get_length(self) -> int:
         return self.size
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         return None if self.latency else bytes(length)
 
     def write_nowait(self, offset: int, data: Data, fua: bool = False) -> bool:
-        return not self.latency and not self._detect
+        return self._inline_writes
 
     async def _wait(self) -> None:
         if self.latency:
             await asyncio.sleep(self.latency)
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def do_read(self, offset: int, length: int) -> bytes:
         await self._wait()
         return bytes(length)
 
-    async def _write(self, offset: int, data: Data, fua: bool) -> None:
+    async def do_write(self, offset: int, data: Data, fua: bool) -> None:
         await self._wait()
 
-    async def _write_zeroes(self, offset: int, length: int, may_unmap: bool,
-                            no_fallback: bool, fua: bool) -> None:
+    async def do_write_zeroes(self, offset: int, length: int, may_unmap: bool,
+                              no_fallback: bool, fua: bool) -> None:
         await self._wait()
 
-    async def _discard(self, offset: int, length: int) -> None:
+    async def do_discard(self, offset: int, length: int) -> None:
         await self._wait()
 
-    async def flush(self) -> None:
+    async def do_flush(self) -> None:
         await self._wait()
 
-    async def block_status(self, offset: int, length: int) -> tuple[int, int]:
-        # read-zeroes=on emulates a sparse image, off an allocated one (QEMU 10.1+).
-        return (BLOCK_ZERO if self.read_zeroes else BLOCK_DATA) | BLOCK_OFFSET_VALID, length
-
-
-def open_null(node_name: str, opts: NodeOptions, ctx: AioContext, args: Any,
-              driver: str) -> NullNode:
-    """Builds the node from a BlockdevOptionsNull model (or any object with its fields)."""
-    return NullNode(node_name, opts, ctx, driver=driver, size=getattr(args, "size", None),
-                    latency_ns=getattr(args, "latency_ns", None),
-                    read_zeroes=getattr(args, "read_zeroes", None))
+    async def do_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
+        """read-zeroes=on is a sparse image of zeroes; off leaves the data undefined,
+        neither data nor zero (what 11.1.3's NBD map shows as a hole)."""
+        flags = BLOCK_OFFSET_VALID | (BLOCK_ZERO if self.read_zeroes else 0)
+        return BlockStatus(flags, length, offset, self)

@@ -161,6 +161,8 @@ class FuseExport(BlockExport):
         exp.queues = [FuseQueue(file, ctx, fd, exp._halt, exclusive=exclusive)
                       for ctx, fd in zip(contexts, [fuse_mount.fd, *fds], strict=True)]
         blk.set_dev_ops(exp._drained_begin, exp._drained_end, exp._drained_poll)
+        if exp.follow_aio_context:
+            blk.add_aio_context_notifier(exp._aio_context_changed)
         for iothread in exp._fixed_iothreads():
             iothread.ref()
         for queue in exp.queues:
@@ -205,12 +207,13 @@ class FuseExport(BlockExport):
             queue.pause()
 
     def _drained_end(self) -> None:
-        node = self.blk.node
-        if self.follow_aio_context and node is not None:
-            # Drained, so the reader is gone from the old loop and nothing is in flight.
-            self.queues[0].ctx = node.ctx
         for queue in self.queues:
             queue.resume()
+
+    def _aio_context_changed(self, ctx: AioContext) -> None:
+        """The node moved: the queue follows.  Still drained, so its reader is gone from
+        the old loop and nothing is in flight; drained_end attaches it in ``ctx``."""
+        self.queues[0].ctx = ctx
 
     def _drained_poll(self) -> bool:
         """Busy until every queue's reader is gone.  Requests already taken count in the

@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 # QEMU's FUSE_MAX_READ_BYTES and FUSE_MAX_WRITE_BYTES
 MAX_READ_BYTES: Final = 1024 * 1024
 MAX_WRITE_BYTES: Final = 64 * 1024
-# QEMU's BDRV_REQUEST_MAX_BYTES: INT_MAX rounded down to 512-byte sectors
-BDRV_REQUEST_MAX_BYTES: Final = (2**31 - 1) & ~511
 INT64_MAX: Final = 2**63 - 1
 
 # BDRV_BLOCK_* flags of a block status answer
@@ -108,9 +106,8 @@ class FuseFile:
             self.st_mode, 1, self.st_uid, self.st_gid, 0, self.request_alignment(), 0)
 
     def request_alignment(self) -> int:
-        """QEMU reports the node's ``bl.request_alignment`` as st_blksize: 1 unless the
-        file driver does O_DIRECT (its probed ``align``)."""
-        return int(getattr(self.blk.node, "align", 1))
+        """QEMU reports the node's ``bl.request_alignment`` as st_blksize."""
+        return self.blk.limits().request_alignment
 
     def statfs(self) -> bytes:
         """FUSE_STATFS: just the fields libfuse fills by default, so ``df`` works."""
@@ -216,13 +213,9 @@ class FuseFile:
             raise _error(errno.EOPNOTSUPP)
 
     async def _write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
-        """Zeroes in requests the block layer accepts; hole punching must not fall back
-        to writing explicit zeroes (fallocate() reports EOPNOTSUPP then)."""
-        while length > 0:
-            chunk = min(length, BDRV_REQUEST_MAX_BYTES)
-            await self.blk.write_zeroes(offset, chunk, may_unmap=unmap, no_fallback=unmap)
-            offset += chunk
-            length -= chunk
+        """Hole punching must not fall back to writing explicit zeroes (fallocate()
+        reports EOPNOTSUPP then); the block layer splits what is too large."""
+        await self.blk.write_zeroes(offset, length, may_unmap=unmap, no_fallback=unmap)
 
     async def flush(self) -> None:
         """FUSE_FSYNC and FUSE_FLUSH (close()) both flush the image."""

@@ -1,0 +1,110 @@
+"""What the block queries answer: query-named-block-nodes and x-debug-query-block-graph.
+
+Members in QAPI schema order (the encoder puts them in QDict order on the wire), with
+the optional ones exactly where 11.1.3 has them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qsd.block.node import BlockNode, Child
+from qsd.block.permissions import qapi_perm_list
+
+if TYPE_CHECKING:
+    from qsd.block.graph import BlockGraph
+
+
+def image_info(node: BlockNode, flat: bool) -> dict[str, object]:
+    """QAPI ImageInfo of one node and, unless ``flat``, of the chain below it (the
+    filtered or backing child as ``backing-image``, as QEMU's bdrv_query_image_info)."""
+    image: dict[str, object] = {
+        "filename": node.filename,
+        "format": node.driver,
+    }
+    if node.has_info:
+        image["dirty-flag"] = False
+    image["actual-size"] = node.allocated_size()
+    image["virtual-size"] = node.length()
+    if node.backing_file:
+        image["backing-filename"] = node.backing_file
+        image["full-backing-filename"] = node.full_backing_filename()
+        if node.backing_format:
+            image["backing-filename-format"] = node.backing_format
+    image["limits"] = node.bl.info()
+    specific = node.format_specific()
+    if specific is not None:
+        image["format-specific"] = specific
+    below = node.filter_or_cow_child()
+    if not flat and below is not None:
+        image["backing-image"] = image_info(below.node, flat)
+    return image
+
+
+def backing_file_depth(node: BlockNode) -> int:
+    """Filtered and backing children down the chain (QEMU counts both)."""
+    depth = 0
+    below = node.filter_or_cow_child()
+    while below is not None:
+        depth += 1
+        below = below.node.filter_or_cow_child()
+    return depth
+
+
+def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, object]:
+    """QAPI BlockDeviceInfo for query-named-block-nodes, members in schema order."""
+    info: dict[str, object] = {
+        "file": node.filename,
+        "node-name": node.node_name,
+        "ro": node.read_only,
+        "drv": node.driver,
+    }
+    cow = node.cow_child()
+    if cow is not None:
+        info["backing_file"] = cow.node.filename
+    info["backing_file_depth"] = 0 if flat else backing_file_depth(node)
+    info["children"] = [{"child": c.name, "node-name": c.node.node_name}
+                        for c in node.children]
+    info.update({
+        "active": True,
+        "encrypted": False,
+        "detect_zeroes": node.opts.detect_zeroes,
+        "bps": 0, "bps_rd": 0, "bps_wr": 0,
+        "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "image": image_info(node, flat),
+        "cache": {"writeback": True, "direct": node.opts.cache_direct,
+                  "no-flush": node.opts.cache_no_flush},
+        "write_threshold": 0,
+    })
+    return info
+
+
+def query_named_block_nodes(graph: BlockGraph, flat: bool = False) -> list[dict[str, object]]:
+    """Newest first, like QEMU (its list is built by prepending)."""
+    return [block_device_info(n, flat) for n in reversed(graph.opened_nodes())]
+
+
+def x_debug_query_block_graph(graph: BlockGraph) -> dict[str, object]:
+    """XDbgBlockGraph with QEMU's numbering: backends, then nodes in creation order;
+    ids are assigned on first sight and both lists come out reversed (prepended)."""
+    ids: dict[int, int] = {}
+    nodes: list[dict[str, object]] = []
+    edges: list[dict[str, object]] = []
+
+    def num(obj: object) -> int:
+        return ids.setdefault(id(obj), len(ids) + 1)
+
+    def add_edges(parent: object, children: list[Child]) -> None:
+        for child in children:
+            edges.append({"parent": num(parent), "child": num(child.node),
+                          "name": child.name,
+                          "perm": qapi_perm_list(child.perm),
+                          "shared-perm": qapi_perm_list(child.shared)})
+
+    for blk in graph.backends:
+        nodes.append({"id": num(blk), "type": "block-backend", "name": ""})
+        add_edges(blk, [blk.root] if blk.root is not None else [])
+    for node in graph.opened_nodes():
+        nodes.append({"id": num(node), "type": "block-driver", "name": node.node_name})
+        add_edges(node, node.children)
+    return {"nodes": nodes[::-1], "edges": edges[::-1]}

@@ -1,0 +1,78 @@
+"""The block driver registry: every driver, by the name ``blockdev-add`` knows it by.
+
+A driver is one module in ``qsd/block/drivers/`` holding a BlockNode subclass that
+declares itself::
+
+    @register("null-co", "null-aio", options=BlockdevOptionsNull)
+    class NullNode(BlockNode): ...
+
+The node class says everything else about the driver (class attributes, ``open``, the
+``do_*`` primitives it supports, ``child_perm``, ``driver_limits``).  The modules of the
+package are imported on the first lookup, so adding a driver touches only its module and
+the QAPI schema; tests register drivers of their own the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import TypeVar
+
+from qsd.block.node import BlockNode
+
+N = TypeVar("N", bound=type[BlockNode])
+
+_DRIVER_PACKAGE = "qsd.block.drivers"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDriver:
+    """One registered driver (QEMU's BlockDriver): its name, its node class and the
+    QAPI model of its options."""
+
+    name: str
+    node_class: type[BlockNode]
+    options: type
+
+
+_drivers: dict[str, BlockDriver] = {}
+_loaded = False
+
+
+def register(*names: str, options: type) -> Callable[[N], N]:
+    """Class decorator: the class implements the drivers ``names``."""
+    def apply(cls: N) -> N:
+        for name in names:
+            if name in _drivers and _drivers[name].node_class is not cls:
+                raise ValueError(f"block driver {name!r} registered twice")
+            _drivers[name] = BlockDriver(name, cls, options)
+        return cls
+    return apply
+
+
+def unregister(name: str) -> None:
+    """Forgets a driver (tests that registered one of their own)."""
+    _drivers.pop(name, None)
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    package = importlib.import_module(_DRIVER_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{_DRIVER_PACKAGE}.{info.name}")
+    _loaded = True
+
+
+def lookup(name: str) -> BlockDriver | None:
+    _load()
+    return _drivers.get(name)
+
+
+def drivers() -> dict[str, BlockDriver]:
+    """Every registered driver by name."""
+    _load()
+    return dict(_drivers)
