@@ -207,7 +207,6 @@ class BlockNode:
     is_protocol: ClassVar[bool] = False       # data lives in the node itself (a file, ...)
     supports_backing: ClassVar[bool] = False  # may have a COW ("backing") child
     strong_options: ClassVar[tuple[str, ...]] = ()  # options that change the data seen
-    has_info: ClassVar[bool] = True           # answers bdrv_get_info (query: dirty-flag)
 
     def __init__(self, node_name: str, driver: str, opts: NodeOptions, ctx: AioContext,
                  explicit: dict[str, object]) -> None:
@@ -293,6 +292,12 @@ class BlockNode:
         """Bytes the image occupies on its storage (query: actual-size)."""
         primary = self.primary_child()
         return primary.node.allocated_size() if primary is not None else 0
+
+    def has_info(self) -> bool:
+        """Whether the driver answers QEMU's bdrv_get_info (the query's dirty-flag):
+        formats pass the question on to their file child, protocols answer."""
+        primary = self.primary_child()
+        return primary.node.has_info() if primary is not None else self.is_protocol
 
     def format_specific(self) -> dict[str, object] | None:
         """QAPI ImageInfoSpecific, for drivers that have something to say."""

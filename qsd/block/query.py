@@ -22,7 +22,7 @@ def image_info(node: BlockNode, flat: bool) -> dict[str, object]:
         "filename": node.filename,
         "format": node.driver,
     }
-    if node.has_info:
+    if node.has_info():
         image["dirty-flag"] = False
     image["actual-size"] = node.allocated_size()
     image["virtual-size"] = node.length()

@@ -13,6 +13,7 @@ from qsd.qapi.generated import (
     BlockdevDelArgs,
     BlockdevOptions,
     BlockResizeArgs,
+    QueryBlockArgs,
     QueryNamedBlockNodesArgs,
     XBlockdevSetIothreadArgs,
 )
@@ -37,7 +38,7 @@ async def query_named_block_nodes(daemon: Daemon, args: QueryNamedBlockNodesArgs
 
 
 @command("query-block")
-async def query_block(daemon: Daemon, args: None) -> object:
+async def query_block(daemon: Daemon, args: QueryBlockArgs) -> object:
     # A storage daemon has no guest devices, so no BlockBackend has a name.
     return []
 

@@ -356,6 +356,38 @@ class SnapshotInfo(_base.QAPIModel):
     )
 
 
+class BlockLimitsInfo(_base.QAPIModel):
+    """QAPI struct BlockLimitsInfo."""
+
+    request_alignment: builtins.int = Field(alias='request-alignment')
+    max_discard: builtins.int | None = Field(default=None, alias='max-discard')
+    discard_alignment: builtins.int | None = Field(default=None, alias='discard-alignment')
+    max_write_zeroes: builtins.int | None = Field(default=None, alias='max-write-zeroes')
+    write_zeroes_alignment: builtins.int | None = Field(default=None, alias='write-zeroes-alignment')
+    opt_transfer: builtins.int | None = Field(default=None, alias='opt-transfer')
+    max_transfer: builtins.int | None = Field(default=None, alias='max-transfer')
+    max_hw_transfer: builtins.int | None = Field(default=None, alias='max-hw-transfer')
+    max_iov: builtins.int = Field(alias='max-iov')
+    max_hw_iov: builtins.int | None = Field(default=None, alias='max-hw-iov')
+    min_mem_alignment: builtins.int = Field(alias='min-mem-alignment')
+    opt_mem_alignment: builtins.int = Field(alias='opt-mem-alignment')
+
+    __qapi_members__ = (
+        _base.MemberSpec('request-alignment', 'request_alignment', 'uint32', False),
+        _base.MemberSpec('max-discard', 'max_discard', 'uint64', True),
+        _base.MemberSpec('discard-alignment', 'discard_alignment', 'uint32', True),
+        _base.MemberSpec('max-write-zeroes', 'max_write_zeroes', 'uint64', True),
+        _base.MemberSpec('write-zeroes-alignment', 'write_zeroes_alignment', 'uint32', True),
+        _base.MemberSpec('opt-transfer', 'opt_transfer', 'uint32', True),
+        _base.MemberSpec('max-transfer', 'max_transfer', 'uint32', True),
+        _base.MemberSpec('max-hw-transfer', 'max_hw_transfer', 'uint32', True),
+        _base.MemberSpec('max-iov', 'max_iov', 'int', False),
+        _base.MemberSpec('max-hw-iov', 'max_hw_iov', 'int', True),
+        _base.MemberSpec('min-mem-alignment', 'min_mem_alignment', 'size', False),
+        _base.MemberSpec('opt-mem-alignment', 'opt_mem_alignment', 'size', False),
+    )
+
+
 class BlockNodeInfo(_base.QAPIModel):
     """QAPI struct BlockNodeInfo."""
 
@@ -371,6 +403,7 @@ class BlockNodeInfo(_base.QAPIModel):
     full_backing_filename: builtins.str | None = Field(default=None, alias='full-backing-filename')
     backing_filename_format: builtins.str | None = Field(default=None, alias='backing-filename-format')
     snapshots: list[SnapshotInfo] | None = None
+    limits: BlockLimitsInfo | None = None
     format_specific: ImageInfoSpecific | None = Field(default=None, alias='format-specific')
 
     __qapi_members__ = (
@@ -386,6 +419,7 @@ class BlockNodeInfo(_base.QAPIModel):
         _base.MemberSpec('full-backing-filename', 'full_backing_filename', 'str', True),
         _base.MemberSpec('backing-filename-format', 'backing_filename_format', 'str', True),
         _base.MemberSpec('snapshots', 'snapshots', '[SnapshotInfo]', True),
+        _base.MemberSpec('limits', 'limits', 'BlockLimitsInfo', True),
         _base.MemberSpec('format-specific', 'format_specific', 'ImageInfoSpecific', True),
     )
 
@@ -408,6 +442,7 @@ class ImageInfo(BlockNodeInfo):
         _base.MemberSpec('full-backing-filename', 'full_backing_filename', 'str', True),
         _base.MemberSpec('backing-filename-format', 'backing_filename_format', 'str', True),
         _base.MemberSpec('snapshots', 'snapshots', '[SnapshotInfo]', True),
+        _base.MemberSpec('limits', 'limits', 'BlockLimitsInfo', True),
         _base.MemberSpec('format-specific', 'format_specific', 'ImageInfoSpecific', True),
         _base.MemberSpec('backing-image', 'backing_image', 'ImageInfo', True),
     )
@@ -427,6 +462,18 @@ class BlockdevCacheInfo(_base.QAPIModel):
     )
 
 
+class BlockdevChild(_base.QAPIModel):
+    """QAPI struct BlockdevChild."""
+
+    child: builtins.str
+    node_name: builtins.str = Field(alias='node-name')
+
+    __qapi_members__ = (
+        _base.MemberSpec('child', 'child', 'str', False),
+        _base.MemberSpec('node-name', 'node_name', 'str', False),
+    )
+
+
 class BlockDeviceInfo(_base.QAPIModel):
     """QAPI struct BlockDeviceInfo."""
 
@@ -436,6 +483,7 @@ class BlockDeviceInfo(_base.QAPIModel):
     drv: builtins.str
     backing_file: builtins.str | None = None
     backing_file_depth: builtins.int
+    children: list[BlockdevChild]
     active: builtins.bool
     encrypted: builtins.bool
     detect_zeroes: BlockdevDetectZeroesOptions
@@ -470,6 +518,7 @@ class BlockDeviceInfo(_base.QAPIModel):
         _base.MemberSpec('drv', 'drv', 'str', False),
         _base.MemberSpec('backing_file', 'backing_file', 'str', True),
         _base.MemberSpec('backing_file_depth', 'backing_file_depth', 'int', False),
+        _base.MemberSpec('children', 'children', '[BlockdevChild]', False),
         _base.MemberSpec('active', 'active', 'bool', False),
         _base.MemberSpec('encrypted', 'encrypted', 'bool', False),
         _base.MemberSpec('detect_zeroes', 'detect_zeroes', 'BlockdevDetectZeroesOptions', False),
@@ -520,6 +569,16 @@ class BlockInfo(_base.QAPIModel):
         _base.MemberSpec('inserted', 'inserted', 'BlockDeviceInfo', True),
         _base.MemberSpec('tray_open', 'tray_open', 'bool', True),
         _base.MemberSpec('io-status', 'io_status', 'BlockDeviceIoStatus', True),
+    )
+
+
+class QueryBlockArgs(_base.QAPIModel):
+    """QAPI arguments of QueryBlockArgs."""
+
+    flat: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('flat', 'flat', 'bool', True),
     )
 
 
@@ -2451,11 +2510,14 @@ for _cls in (
     ImageInfoSpecific,
     ImageInfoSpecificVariantFile,
     SnapshotInfo,
+    BlockLimitsInfo,
     BlockNodeInfo,
     ImageInfo,
     BlockdevCacheInfo,
+    BlockdevChild,
     BlockDeviceInfo,
     BlockInfo,
+    QueryBlockArgs,
     QueryNamedBlockNodesArgs,
     XDbgBlockGraphNode,
     XDbgBlockGraphEdge,
@@ -2595,13 +2657,16 @@ TYPES: dict[str, type] = {
     'ImageInfoSpecificFileWrapper': ImageInfoSpecificFileWrapper,
     'ImageInfoSpecific': ImageInfoSpecific,
     'SnapshotInfo': SnapshotInfo,
+    'BlockLimitsInfo': BlockLimitsInfo,
     'BlockNodeInfo': BlockNodeInfo,
     'ImageInfo': ImageInfo,
     'BlockdevDetectZeroesOptions': BlockdevDetectZeroesOptions,
     'BlockdevCacheInfo': BlockdevCacheInfo,
+    'BlockdevChild': BlockdevChild,
     'BlockDeviceInfo': BlockDeviceInfo,
     'BlockDeviceIoStatus': BlockDeviceIoStatus,
     'BlockInfo': BlockInfo,
+    'QueryBlockArgs': QueryBlockArgs,
     'QueryNamedBlockNodesArgs': QueryNamedBlockNodesArgs,
     'XDbgBlockGraphNodeType': XDbgBlockGraphNodeType,
     'XDbgBlockGraphNode': XDbgBlockGraphNode,
@@ -2724,7 +2789,7 @@ ALTERNATES: dict[str, tuple[tuple[str, str], ...]] = {
 
 #: Every command, in schema order.
 COMMANDS: dict[str, _base.CommandInfo] = {
-    'query-block': _base.CommandInfo('query-block', None, False, False, '[BlockInfo]', ()),
+    'query-block': _base.CommandInfo('query-block', 'QueryBlockArgs', False, False, '[BlockInfo]', ()),
     'query-named-block-nodes': _base.CommandInfo('query-named-block-nodes', 'QueryNamedBlockNodesArgs', False, False, '[BlockDeviceInfo]', ()),
     'x-debug-query-block-graph': _base.CommandInfo('x-debug-query-block-graph', None, False, False, 'XDbgBlockGraph', ('unstable',)),
     'block_resize': _base.CommandInfo('block_resize', 'BlockResizeArgs', False, False, None, ()),

@@ -27,7 +27,6 @@ INT64_MAX = 2**63 - 1
 @register("null-co", "null-aio", options=BlockdevOptionsNull)
 class NullNode(BlockNode):
     is_protocol = True
-    has_info = False
     strong_options = ("size", "read-zeroes")
 
     size = DEFAULT_SIZE
@@ -48,6 +47,9 @@ class NullNode(BlockNode):
         self.latency = latency / 1e9
         self.read_zeroes = bool(options.read_zeroes)
         self._inline_writes = not latency and self.opts.detect_zeroes == "off"
+
+    def has_info(self) -> bool:
+        return False
 
     def exact_filename(self) -> str:
         """``null-co://`` unless a strong option makes it a json: filename."""
