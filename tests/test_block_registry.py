@@ -24,7 +24,6 @@ from typing import Any
 
 import nbd
 import pytest
-from pydantic import BaseModel
 
 from qsd import qapi
 from qsd.aio import set_main_context
@@ -43,13 +42,14 @@ from qsd.block.permissions import (
 from qsd.daemon import Daemon
 from qsd.errors import QMPError
 from qsd.nbd.server import NbdServer
+from qsd.qapi.base import MemberSpec, QAPIModel
 from tests.harness import fuse_mounts
 
 ALIGN = 4096
 RW = PERM_CONSISTENT_READ | PERM_WRITE
 
 
-class DriverOptions(BaseModel):
+class DriverOptions(QAPIModel):
     """What blockdev-add's schema would hold for these drivers."""
 
     driver: str
@@ -57,6 +57,14 @@ class DriverOptions(BaseModel):
     file: Any = None
     backing: Any = None
     tag: str | None = None
+
+    __qapi_members__ = (
+        MemberSpec("driver", "driver", "str", False),
+        MemberSpec("node-name", "node_name", "str", True),
+        MemberSpec("file", "file", "any", True),
+        MemberSpec("backing", "backing", "any", True),
+        MemberSpec("tag", "tag", "str", True),
+    )
 
 
 @registry.register("x-test-aligned", options=DriverOptions)

@@ -65,7 +65,9 @@ def test_python_names() -> None:
     assert camel("x-blockdev-set-iothread") == "XBlockdevSetIothread"
     assert attr_name("node-name") == "node_name"
     assert attr_name("in") == "in_"
-    assert attr_name("copy") == "copy_"         # a BaseModel method
+    assert attr_name("model_construct") == "model_construct_"   # a QAPIModel method
+    assert attr_name("model_fields_set") == "model_fields_set_"
+    assert attr_name("copy") == "copy"
     assert enum_member_name("vhost-user-blk") == "vhost_user_blk"
     assert enum_member_name("split") == "split_"  # a str method
     assert enum_member_name("9p") == "_9p"

@@ -1,7 +1,7 @@
 """The QAPI layer: validation with QEMU's rules and texts, introspection, wire form.
 
 Everything above this package sees generated models (`qsd.qapi.generated`) and
-`QMPError`s; pydantic stays an implementation detail.  See docs/ARCHITECTURE.md.
+`QMPError`s.  See docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -10,14 +10,10 @@ import copy
 import enum
 from typing import Any
 
-from pydantic import BaseModel
-
 from qsd.errors import QMPError
 from qsd.qapi import generated
-from qsd.qapi.base import CommandInfo, QAPIModel
+from qsd.qapi.base import BUILTIN_TYPES, CommandInfo, QAPIModel
 from qsd.qapi.hashorder import first_unvisited
-from qsd.qapi.introspection import SCHEMA
-from qsd.qapi.schema import BUILTIN_TYPES
 from qsd.qapi.visitor import Visitor
 
 __all__ = [
@@ -42,7 +38,7 @@ def command_names() -> list[str]:
     return list(generated.COMMANDS)
 
 
-def parse_command_args(command: str, arguments: dict[str, Any]) -> BaseModel | None:
+def parse_command_args(command: str, arguments: dict[str, Any]) -> QAPIModel | None:
     """Validates a command's 'arguments' like QEMU's generated marshaller.
 
     Returns the argument model (the data type itself for boxed commands), or None
@@ -58,7 +54,7 @@ def parse_command_args(command: str, arguments: dict[str, Any]) -> BaseModel | N
             raise QMPError(f"Parameter '{key}' is unexpected")
         return None
     result = Visitor(keyval=False).visit(info.arg_type, None, arguments)
-    assert isinstance(result, BaseModel)
+    assert isinstance(result, QAPIModel)
     return result
 
 
@@ -79,6 +75,8 @@ def parse_type(type_name: str, value: object, *, keyval: bool = False,
 
 def schema_introspection() -> list[dict[str, object]]:
     """query-qmp-schema's reply (a fresh copy the caller may keep or change)."""
+    from qsd.qapi.introspection import SCHEMA  # big, and asked for rarely
+
     return copy.deepcopy(SCHEMA)
 
 
@@ -104,8 +102,6 @@ def to_wire(model: Any) -> Any:
     """
     if isinstance(model, QAPIModel):
         return {wire: to_wire(value) for wire, value in present_members(model)}
-    if isinstance(model, BaseModel):
-        return model.model_dump(by_alias=True, exclude_unset=True)
     if isinstance(model, enum.Enum):
         return model.value
     if isinstance(model, list):

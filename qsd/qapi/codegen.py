@@ -11,11 +11,9 @@ import pprint
 import re
 from pathlib import Path
 
-from pydantic import BaseModel
-
+from qsd.qapi.base import BUILTIN_TYPES, QAPIModel
 from qsd.qapi.schema import (
     BUILTIN_JSON_TYPES,
-    BUILTIN_TYPES,
     AlternateDef,
     CommandDef,
     Definition,
@@ -38,11 +36,11 @@ _PY_BUILTIN = {
 
 
 def attr_name(wire: str) -> str:
-    """A member's Python attribute: snake_case, clear of keywords and BaseModel names."""
+    """A member's Python attribute: snake_case, clear of keywords and QAPIModel's names."""
     name = re.sub(r"[^A-Za-z0-9_]", "_", wire)
     if name[0].isdigit():
         name = "_" + name
-    if keyword.iskeyword(name) or hasattr(BaseModel, name):
+    if keyword.iskeyword(name) or hasattr(QAPIModel, name) or name == "model_fields_set":
         name += "_"
     return name
 
@@ -118,15 +116,12 @@ class Generator:
         for member in members:
             attr = attr_name(member.name)
             ann = self.annotation(member.type)
-            alias = f"alias={member.name!r}" if attr != member.name else ""
             if member.optional:
                 if ann != "None":
                     ann += " | None"
-                args = ", ".join(x for x in ("default=None", alias) if x)
-                lines.append(f"    {attr}: {ann} = " +
-                             (f"Field({args})" if alias else "None"))
+                lines.append(f"    {attr}: {ann} = None")
             else:
-                lines.append(f"    {attr}: {ann}" + (f" = Field({alias})" if alias else ""))
+                lines.append(f"    {attr}: {ann}")
         return lines
 
     @staticmethod
@@ -149,10 +144,9 @@ class Generator:
     def generated(self) -> str:
         schema = self.schema
         out = [HEADER, "# mypy: ignore-errors",
-               '"""The QAPI schema\'s types as pydantic models; see docs/ARCHITECTURE.md."""',
+               '"""The QAPI schema\'s types as Python classes; see docs/ARCHITECTURE.md."""',
                "", "from __future__ import annotations", "",
                "import builtins", "import enum", "import typing", "",
-               "from pydantic import Field", "",
                "from qsd.qapi import base as _base", "", ""]
         # Classes are emitted so that base classes come first (Python needs them at
         # class creation) and otherwise in schema order.
@@ -231,8 +225,7 @@ class Generator:
         out += aliases
         out += ["", ""]
         out += late
-        out += ["", "for _cls in (" + "".join(f"\n    {c}," for c in emitted) + "\n):",
-                "    _cls.model_rebuild()", "", ""]
+        out += ["", ""]
         out.append("#: Every enum, struct and union class by QAPI name (argument classes by"
                    " Python name).")
         out.append("TYPES: dict[str, type] = {")

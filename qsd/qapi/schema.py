@@ -13,10 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BUILTIN_TYPES = (
-    "str", "number", "int", "int8", "int16", "int32", "int64",
-    "uint8", "uint16", "uint32", "uint64", "size", "bool", "null", "any",
-)
+from qsd.qapi.base import BUILTIN_TYPES
 
 #: The JSON type of each builtin as introspection reports it (QEMU maps every
 #: integer type to 'int').
