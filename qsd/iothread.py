@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import threading
 from collections.abc import Callable
 from operator import attrgetter
@@ -35,7 +34,7 @@ _by_context: dict[int, IOThread] = {}
 def _set_os_thread_name(name: str) -> None:
     """Shows the id in ps/top (Linux comm, at most 15 bytes); cosmetic, so never fatal."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library the process has loaded
         libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
     except OSError:
         pass

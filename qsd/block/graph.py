@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import random
 import re
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -332,6 +331,8 @@ class BlockGraph:
 
     def _generate_name(self) -> str:
         """QEMU's id_generate(ID_BLOCK): ``#block`` + counter + two random digits."""
+        import random  # here, as only unnamed nodes need it and it is slow to import
+
         while True:
             name = f"#block{self._id_counter}{random.randrange(100):02d}"
             self._id_counter += 1

@@ -10,11 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from qsd import qapi
 from qsd.commands.registry import command
-from qsd.crypto.tlscreds import TlsCreds
 from qsd.errors import QMPError
-from qsd.nbd.handshake import TlsPolicy
 from qsd.nbd.protocol import NBD_DEFAULT_HANDSHAKE_MAX_SECS, NBD_DEFAULT_MAX_CONNECTIONS
-from qsd.nbd.server import NbdServer
 from qsd.qapi.generated import (
     NbdServerAddOptions,
     NbdServerOptions,
@@ -24,11 +21,13 @@ from qsd.qapi.generated import (
 )
 
 if TYPE_CHECKING:
+    from qsd.crypto.tlscreds import TlsCreds
     from qsd.daemon import Daemon
 
 
 def _tls_creds(daemon: Daemon, creds_id: str) -> TlsCreds:
     """QEMU's nbd_get_tls_creds()."""
+    from qsd.crypto.tlscreds import TlsCreds  # only a TLS server needs cryptography
     creds = daemon.objects.get(creds_id)
     if creds is None:
         raise QMPError(f"No TLS credentials with id '{creds_id}'")
@@ -42,6 +41,8 @@ def _tls_creds(daemon: Daemon, creds_id: str) -> TlsCreds:
 async def _start(daemon: Daemon, addr: dict[str, Any], args: NbdServerOptionsBase) -> None:
     if daemon.nbd_server is not None:
         raise QMPError("NBD server already running")
+    from qsd.nbd.handshake import TlsPolicy  # the NBD server loads when it first starts
+    from qsd.nbd.server import NbdServer
     max_connections = args.max_connections
     handshake = args.handshake_max_seconds
     server = NbdServer(

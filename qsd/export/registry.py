@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +20,20 @@ if TYPE_CHECKING:
 _WELL_FORMED_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 
 
-def export_drivers() -> dict[str, type[BlockExport]]:
-    """Export types by QAPI name; imported lazily so an unused driver costs nothing."""
-    from qsd.export.fuse.export import FuseExport
-    from qsd.export.nbd import NbdExport
+# Export types by QAPI name: (module, class). Each is imported when first used, so an
+# unused driver costs nothing at start-up.
+EXPORT_DRIVERS = {
+    "nbd": ("qsd.export.nbd", "NbdExport"),
+    "fuse": ("qsd.export.fuse.export", "FuseExport"),
+}
 
-    return {"nbd": NbdExport, "fuse": FuseExport}
+
+def export_driver(type_name: str) -> type[BlockExport] | None:
+    entry = EXPORT_DRIVERS.get(type_name)
+    if entry is None:
+        return None
+    driver: type[BlockExport] = getattr(importlib.import_module(entry[0]), entry[1])
+    return driver
 
 
 class ExportRegistry:
@@ -45,7 +54,7 @@ class ExportRegistry:
             raise QMPError("Invalid block export id")
         if self.find(opts.id) is not None:
             raise QMPError(f"Block export id '{opts.id}' is already in use")
-        driver = export_drivers().get(getattr(opts.type, "value", opts.type))
+        driver = export_driver(getattr(opts.type, "value", opts.type))
         if driver is None:
             raise QMPError("No driver found for the requested export type")
         graph = self.daemon.graph

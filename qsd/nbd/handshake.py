@@ -57,11 +57,11 @@ from qsd.nbd.protocol import (
     Mode,
     opt_name,
 )
-from qsd.nbd.tls import TlsChannel
 
 if TYPE_CHECKING:
     from qsd.crypto.tlscreds import TlsCreds
     from qsd.nbd.server import ServedExport
+    from qsd.nbd.tls import TlsChannel
 
 
 class NegotiationError(Exception):
@@ -235,6 +235,8 @@ class Negotiation:
                 await self._reject_length()
                 raise NegotiationError(f"option '{opt_name(option)}' has unexpected length")
             await self._send_rep(NBD_REP_ACK)
+            from qsd.nbd.tls import TlsChannel  # TLS code loads with its first client
+
             channel = TlsChannel(self.sock, self.tls.creds, self.tls.authz_id, self.tls.objects)
             try:
                 await channel.handshake()

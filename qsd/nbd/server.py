@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from qsd.errors import QMPError
 from qsd.nbd.handshake import Negotiated, Negotiation, NegotiationError, TlsPolicy
-from qsd.nbd.tls import TlsTransport
 from qsd.nbd.transmission import NbdClient, report
 
 if TYPE_CHECKING:
@@ -105,6 +104,8 @@ class ServedExport:
         loop = asyncio.get_running_loop()
         client = NbdClient(self, ctx, negotiated.mode, negotiated.contexts, on_finished)
         if negotiated.channel is not None:
+            from qsd.nbd.tls import TlsTransport  # loaded by the handshake already
+
             client.carrier = TlsTransport(negotiated.channel, client)
         protocol = client.carrier
         try:

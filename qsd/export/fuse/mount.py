@@ -11,11 +11,9 @@ mounts cannot deadlock the loop that would have to answer it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
-import shutil
 import socket
 import stat
 import struct
@@ -37,7 +35,8 @@ MNT_DETACH = 2
 
 FUSERMOUNT = "fusermount3"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library is already in the process: find_library would run ldconfig to find it.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -60,6 +59,8 @@ class FuseMount:
         if not self.via_fusermount:
             if _libc.umount2(os.fsencode(self.mountpoint), MNT_DETACH) == 0:
                 return
+        import shutil  # here: a daemon that mounts by itself never needs it
+
         fusermount = shutil.which(FUSERMOUNT)
         if fusermount is not None:
             subprocess.run([fusermount, "-u", "-q", "-z", "--", self.mountpoint],
@@ -118,6 +119,8 @@ def mount_fusermount(mountpoint: str, *, writable: bool, allow_other: bool,
                      quiet: bool) -> FuseMount:
     """Mounts through the setuid ``fusermount3``, receiving the session fd over a socket
     (libfuse's ``fuse_mount_fusermount()``); the path for unprivileged daemons."""
+    import shutil  # here: a daemon that mounts by itself never needs it
+
     fusermount = shutil.which(FUSERMOUNT)
     if fusermount is None:
         if not quiet:
