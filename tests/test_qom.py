@@ -17,7 +17,13 @@ from qsd import qapi
 from qsd.commands import qom as qom_commands
 from qsd.qapi import generated
 from qsd.qapi.hashorder import qdict_order
-from qsd.qom.model import all_types, class_properties, creatable_class, type_by_name
+from qsd.qom.model import (
+    TYPE_MODULES,
+    all_types,
+    class_properties,
+    creatable_class,
+    type_by_name,
+)
 from tests.conftest import QsdFactory
 from tests.harness import fuse_mounts
 from tests.test_fuse import fuse_dir  # noqa: F401 (a fixture)
@@ -60,6 +66,11 @@ def test_listing_orders_are_qemus() -> None:
 def test_every_type_has_a_place_in_qemus_type_order() -> None:
     order = qom_commands._TYPE_ORDER
     assert {cls.name for cls in all_types()} <= set(order)
+
+
+def test_every_creatable_type_has_its_module() -> None:
+    """object-add imports a type's module by name (start-up loads no other)."""
+    assert set(TYPE_MODULES) == {value.value for value in generated.ObjectType}
 
 
 def test_object_add_members_are_properties() -> None:

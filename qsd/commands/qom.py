@@ -12,12 +12,6 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-# The modules that define the object types: importing one registers its types.
-import qsd.authz
-import qsd.block.throttle_groups
-import qsd.crypto.secret
-import qsd.crypto.tlscreds
-import qsd.iothread  # noqa: F401
 from qsd.commands.registry import command
 from qsd.errors import QMPError
 from qsd.qapi.generated import (

@@ -12,6 +12,7 @@ replay it (see ``qsd.qapi.hashorder``).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -121,15 +122,40 @@ def register_type(cls: ObjectClass) -> ObjectClass:
     return cls
 
 
+# The module that defines each type object-add can create, by its ObjectType name. A
+# module registers its types when it is imported; object-add imports only the one it
+# needs, so that starting without TLS objects never loads cryptography.
+TYPE_MODULES = {
+    "authz-list": "qsd.authz",
+    "authz-listfile": "qsd.authz",
+    "authz-simple": "qsd.authz",
+    "iothread": "qsd.iothread",
+    "secret": "qsd.crypto.secret",
+    "throttle-group": "qsd.block.throttle_groups",
+    "tls-creds-psk": "qsd.crypto.tlscreds",
+    "tls-creds-x509": "qsd.crypto.tlscreds",
+}
+
+
+def load_all_types() -> None:
+    for module in dict.fromkeys(TYPE_MODULES.values()):
+        importlib.import_module(module)
+
+
 def type_by_name(name: str) -> ObjectClass | None:
+    load_all_types()
     return _TYPES.get(name)
 
 
 def all_types() -> list[ObjectClass]:
+    load_all_types()
     return list(_TYPES.values())
 
 
 def creatable_class(qapi_name: str) -> type[QOMObject] | None:
+    module = TYPE_MODULES.get(qapi_name)
+    if module is not None:
+        importlib.import_module(module)
     return _CREATABLE.get(qapi_name)
 
 
@@ -166,7 +192,7 @@ class QOMObject:
                                    if "qom_class" in vars(base))
         ifaces = []
         for name in interfaces:
-            iface = type_by_name(name)
+            iface = _TYPES.get(name)  # not type_by_name: a module is being imported
             assert iface is not None, name
             ifaces.append(iface)
         cls.qom_class = register_type(ObjectClass(
