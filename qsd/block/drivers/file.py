@@ -202,12 +202,13 @@ class FileNode(BlockNode):
         # Growing writes go the long way, which keeps the cached length right.
         if fua or not self._nowait_write or offset + len(data) > self._length:
             return False
+        flags = self._write_flags  # once: another thread may clear it meanwhile
         try:
-            done = _pwritev(self.fd, (data,), offset, self._write_flags)
+            done = _pwritev(self.fd, (data,), offset, flags)
         except BlockingIOError:
             return False
         except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and self._write_flags:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and flags:
                 # No buffered RWF_NOWAIT writes on this file system (ext4 before 6.x):
                 # a write into the page cache is a memcpy, so it stays inline (measured
                 # 171k 4 KiB writes/s inline against about 30k/s through the pool).
