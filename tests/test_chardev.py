@@ -79,10 +79,11 @@ def test_tcp_monitor_and_events_to_every_monitor(start_qsd: QsdFactory, tmp_path
     wait_for_listener(second, daemon.proc)
     first = daemon.connect_raw()
     other = RawMonitor(second)
+    # A greeting means start-up is over, so every chardev listens by now.
+    for monitor in (first, other):
+        monitor.negotiate()
     tcp = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
-        for monitor in (first, other):
-            monitor.negotiate()
         assert b'"QMP"' in tcp.recv(4096)
         tcp.sendall(b'{"execute":"qmp_capabilities"}\n')
         assert tcp.recv(4096) == b'{"return": {}}\r\n'

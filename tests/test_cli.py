@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import QsdFactory
-from tests.harness import QSD, RawMonitor, wait_for_path
+from tests.harness import QSD, RawMonitor
 
 
 def run_qsd(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -74,7 +74,8 @@ def test_keyval_and_json_forms_build_the_same_node(start_qsd: QsdFactory) -> Non
 def test_pidfile_written_and_removed(start_qsd: QsdFactory, tmp_path: Path) -> None:
     pidfile = tmp_path / "qsd.pid"
     daemon = start_qsd("--pidfile", str(pidfile))
-    wait_for_path(pidfile)
+    # The monitor greets once start-up is over, and with it the pidfile's writing.
+    daemon.connect_raw().negotiate()
     assert int(pidfile.read_text()) == daemon.pid
     assert daemon.stop() == 0
     assert not pidfile.exists()
