@@ -60,7 +60,7 @@ async def _run(cmdline: CommandLine, ready_fd: int | None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, daemon.request_shutdown, "host-signal")
-    pidfile_written = False
+    pidfile: str | None = None  # absolute: --daemonize changes to / before the end
     try:
         for option in cmdline.options:
             try:
@@ -75,7 +75,7 @@ async def _run(cmdline: CommandLine, ready_fd: int | None) -> int:
             except QMPError as exc:
                 _error(f"cannot create PID file: {exc.desc}")
                 return 1
-            pidfile_written = True
+            pidfile = os.path.abspath(cmdline.pidfile)
         daemon.start_monitors()
         if ready_fd is not None:
             os.write(ready_fd, b"\0")
@@ -84,10 +84,12 @@ async def _run(cmdline: CommandLine, ready_fd: int | None) -> int:
             _detach_stdio()
         await daemon.wait_for_shutdown_request()
     finally:
-        await daemon.shutdown()
-        if pidfile_written and cmdline.pidfile is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(cmdline.pidfile)
+        try:
+            await daemon.shutdown()
+        finally:
+            if pidfile is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(pidfile)
     return 0
 
 
@@ -108,6 +110,11 @@ def _daemonize() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Until the main loop handles them, SIGINT and SIGHUP end the process at once, as
+    # SIGTERM does: nothing is mounted or written before then. (Python's own SIGINT
+    # handler would raise KeyboardInterrupt in the middle of whatever runs.)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     args = sys.argv[1:] if argv is None else argv
     try:
         cmdline = parse_args(args)

@@ -8,6 +8,7 @@ the objects (iothreads stop), and last the monitors and their chardevs.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from qsd.block.graph import BlockGraph
@@ -16,6 +17,11 @@ from qsd.export.registry import ExportRegistry
 from qsd.iothread import IOThread
 from qsd.qmp.monitor import Monitor, event_message
 from qsd.qom.model import Container
+
+log = logging.getLogger(__name__)
+# How long shutdown lets commands that are still running finish before it takes their
+# objects down anyway (a signal must end the daemon within seconds, whatever runs).
+COMMAND_GRACE_SECONDS = 2.0
 
 
 class Daemon:
@@ -33,6 +39,9 @@ class Daemon:
         self.nbd_server: Any = None
         self._shutdown_requested = asyncio.Event()
         self._shutdown_announced = False
+        # QMP commands being executed: shutdown lets them finish first, so that an export
+        # being added or deleted is not left half made (mounted, but in no list).
+        self.running_commands: set[asyncio.Task[Any]] = set()
 
     @property
     def iothreads(self) -> dict[str, IOThread]:
@@ -66,14 +75,30 @@ class Daemon:
         await self.exports.close_all()
 
     async def shutdown(self) -> None:
-        await self.close_exports()
+        """Takes everything down. Each step runs even if one before it failed (that is a
+        bug, and logged): a signal must always end the daemon and unmount its exports."""
+        others = self.running_commands - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=COMMAND_GRACE_SECONDS)
+        for step in (self.close_exports, self._stop_nbd_server, self.graph.close_all,
+                     self._finalize_objects, self._close_chardevs):
+            try:
+                await step()
+            except Exception:
+                log.exception("shutdown: %s failed", step.__name__)
+
+    async def _stop_nbd_server(self) -> None:
         if self.nbd_server is not None:
-            await self.nbd_server.stop()
-            self.nbd_server = None
-        await self.graph.close_all()
+            server, self.nbd_server = self.nbd_server, None
+            await server.stop()
+
+    async def _finalize_objects(self) -> None:
         for name in reversed(list(self.objects)):
             self.objects.remove_child(name).finalize()
-        for chardev in self.chardevs.values():
-            await chardev.close()
+
+    async def _close_chardevs(self) -> None:
+        chardevs = list(self.chardevs.values())
         self.chardevs.clear()
         self.monitors.clear()
+        for chardev in chardevs:
+            await chardev.close()

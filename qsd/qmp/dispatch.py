@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,9 @@ async def run_command(daemon: Daemon, request: Request, negotiated: bool) -> obj
     if request.oob and not info.allow_oob:
         raise QMPError(f"The command {request.command} does not support OOB")
     args = qapi.parse_command_args(request.command, request.arguments)
+    task = asyncio.current_task()
+    if task is not None:
+        daemon.running_commands.add(task)
     try:
         result = await handler(daemon, args)
     except QMPError:
@@ -72,6 +76,8 @@ async def run_command(daemon: Daemon, request: Request, negotiated: bool) -> obj
     except Exception as exc:  # a handler bug must not end the monitor
         log.exception("command %s failed", request.command)
         raise QMPError(f"internal error in {request.command}: {exc}") from exc
+    finally:
+        daemon.running_commands.discard(task)
     return {} if result is None else result
 
 
