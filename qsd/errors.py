@@ -1,4 +1,7 @@
-"""The single exception type that turns into a QMP error reply or a command-line error."""
+"""Errors a user sees: the exception that becomes a QMP error reply or a command-line
+error, and QEMU's error_report() for what only the daemon's stderr can tell."""
+
+import sys
 
 
 class QMPError(Exception):
@@ -11,3 +14,8 @@ class QMPError(Exception):
 
     def to_qmp(self) -> dict[str, str]:
         return {"class": self.error_class, "desc": self.desc}
+
+
+def error_report(message: str) -> None:
+    """QEMU's error_report(): one line on stderr, where operators look; serving goes on."""
+    print(f"qsd: {message}", file=sys.stderr, flush=True)
