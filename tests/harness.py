@@ -7,6 +7,7 @@ failing test cannot leave a mount behind.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 # A DeprecationWarning raised from qsd's own code (its modules, or __main__ when it runs
 # as a program) is an error in every daemon the tests start, as it is in the test process
@@ -166,3 +168,45 @@ class RawMonitor:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Monitor:
+    """QMP over the harness's raw socket; events are kept aside."""
+
+    def __init__(self, qsd: Qsd) -> None:
+        self.raw: RawMonitor = qsd.connect_raw()
+        self.raw.negotiate()
+        self.events: list[dict[str, Any]] = []
+
+    def cmd(self, name: str, /, **args: Any) -> dict[str, Any]:
+        msg: dict[str, Any] = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.raw.send(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply: dict[str, Any] = json.loads(self.raw.recv_line())
+            if "event" in reply:
+                self.events.append(reply)
+            else:
+                return reply
+
+    def ok(self, name: str, /, **args: Any) -> Any:
+        reply = self.cmd(name, **args)
+        assert "return" in reply, reply
+        return reply["return"]
+
+    def err(self, name: str, /, **args: Any) -> str:
+        reply = self.cmd(name, **args)
+        assert "error" in reply, reply
+        desc: str = reply["error"]["desc"]
+        return desc
+
+    def wait_event(self, name: str, timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event["event"] == name:
+                    self.events.remove(event)
+                    return event
+            assert time.monotonic() < deadline, f"no {name}"
+            self.events.append(json.loads(self.raw.recv_line()))

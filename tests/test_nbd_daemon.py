@@ -7,7 +7,6 @@ flags without block-status-payload).
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import shutil
@@ -18,7 +17,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import nbd
 import pytest
@@ -26,50 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qsd.nbd import protocol as P
-from tests.harness import Qsd, RawMonitor, nbd_flags, nbd_list, wait_for_path
+from tests.harness import Monitor, Qsd, nbd_flags, nbd_list, wait_for_path
 from tests.test_nbd_protocol import Raw, meta_payload
-
-
-class Monitor:
-    """QMP over the harness's raw socket; events are kept aside."""
-
-    def __init__(self, qsd: Qsd) -> None:
-        self.raw: RawMonitor = qsd.connect_raw()
-        self.raw.negotiate()
-        self.events: list[dict[str, Any]] = []
-
-    def cmd(self, name: str, /, **args: Any) -> dict[str, Any]:
-        msg: dict[str, Any] = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.raw.send(json.dumps(msg).encode() + b"\n")
-        while True:
-            reply: dict[str, Any] = json.loads(self.raw.recv_line())
-            if "event" in reply:
-                self.events.append(reply)
-            else:
-                return reply
-
-    def ok(self, name: str, /, **args: Any) -> Any:
-        reply = self.cmd(name, **args)
-        assert "return" in reply, reply
-        return reply["return"]
-
-    def err(self, name: str, /, **args: Any) -> str:
-        reply = self.cmd(name, **args)
-        assert "error" in reply, reply
-        desc: str = reply["error"]["desc"]
-        return desc
-
-    def wait_event(self, name: str, timeout: float = 10) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self.events:
-                if event["event"] == name:
-                    self.events.remove(event)
-                    return event
-            assert time.monotonic() < deadline, f"no {name}"
-            self.events.append(json.loads(self.raw.recv_line()))
 
 
 @pytest.fixture
