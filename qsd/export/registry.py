@@ -24,6 +24,7 @@ _WELL_FORMED_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 # unused driver costs nothing at start-up.
 EXPORT_DRIVERS = {
     "nbd": ("qsd.export.nbd", "NbdExport"),
+    "vhost-user-blk": ("qsd.export.vhost_user_blk.export", "VhostUserBlkExport"),
     "fuse": ("qsd.export.fuse.export", "FuseExport"),
 }
 

@@ -150,6 +150,7 @@ class BlockExportType(enum.StrEnum):
     """QAPI enum BlockExportType."""
 
     nbd = 'nbd'
+    vhost_user_blk = 'vhost-user-blk'
     fuse = 'fuse'
 
 
@@ -1270,6 +1271,20 @@ class BlockExportOptionsNbd(BlockExportOptionsNbdBase):
     )
 
 
+class BlockExportOptionsVhostUserBlk(_base.QAPIModel):
+    """QAPI struct BlockExportOptionsVhostUserBlk."""
+
+    addr: SocketAddress
+    logical_block_size: builtins.int | None = None
+    num_queues: builtins.int | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('addr', 'addr', 'SocketAddress', False),
+        _base.MemberSpec('logical-block-size', 'logical_block_size', 'size', True),
+        _base.MemberSpec('num-queues', 'num_queues', 'uint16', True),
+    )
+
+
 class BlockExportOptionsFuse(_base.QAPIModel):
     """QAPI struct BlockExportOptionsFuse."""
 
@@ -1366,6 +1381,36 @@ class BlockExportOptionsVariantNbd(BlockExportOptions, BlockExportOptionsNbd):
         _base.MemberSpec('description', 'description', 'str', True),
         _base.MemberSpec('bitmaps', 'bitmaps', '[BlockDirtyBitmapOrStr]', True),
         _base.MemberSpec('allocation-depth', 'allocation_depth', 'bool', True),
+    )
+
+
+class BlockExportOptionsVariantVhostUserBlk(BlockExportOptions, BlockExportOptionsVhostUserBlk):
+    """BlockExportOptions with type 'vhost-user-blk'."""
+
+    type: BlockExportType
+    id: builtins.str
+    fixed_iothread: builtins.bool | None = None
+    iothread: BlockExportIothreads | None = None
+    node_name: builtins.str
+    writable: builtins.bool | None = None
+    writethrough: builtins.bool | None = None
+    allow_inactive: builtins.bool | None = None
+    addr: SocketAddress
+    logical_block_size: builtins.int | None = None
+    num_queues: builtins.int | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'BlockExportType', False),
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('fixed-iothread', 'fixed_iothread', 'bool', True),
+        _base.MemberSpec('iothread', 'iothread', 'BlockExportIothreads', True),
+        _base.MemberSpec('node-name', 'node_name', 'str', False),
+        _base.MemberSpec('writable', 'writable', 'bool', True),
+        _base.MemberSpec('writethrough', 'writethrough', 'bool', True),
+        _base.MemberSpec('allow-inactive', 'allow_inactive', 'bool', True),
+        _base.MemberSpec('addr', 'addr', 'SocketAddress', False),
+        _base.MemberSpec('logical-block-size', 'logical_block_size', 'size', True),
+        _base.MemberSpec('num-queues', 'num_queues', 'uint16', True),
     )
 
 
@@ -2492,7 +2537,7 @@ ImageInfoSpecific.__qapi_variants__ = {'file': ImageInfoSpecificVariantFile}
 BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'raw': BlockdevOptionsVariantRaw}
 SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet, 'unix': SocketAddressLegacyVariantUnix, 'vsock': SocketAddressLegacyVariantVsock, 'fd': SocketAddressLegacyVariantFd}
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
-BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'fuse': BlockExportOptionsVariantFuse}
+BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'vhost-user-blk': BlockExportOptionsVariantVhostUserBlk, 'fuse': BlockExportOptionsVariantFuse}
 ChardevBackend.__qapi_variants__ = {'file': ChardevBackendVariantFile, 'socket': ChardevBackendVariantSocket, 'null': ChardevBackendVariantNull, 'stdio': ChardevBackendVariantStdio}
 SchemaInfo.__qapi_variants__ = {'builtin': SchemaInfoVariantBuiltin, 'enum': SchemaInfoVariantEnum, 'array': SchemaInfoVariantArray, 'object': SchemaInfoVariantObject, 'alternate': SchemaInfoVariantAlternate, 'command': SchemaInfoVariantCommand, 'event': SchemaInfoVariantEvent}
 ObjectOptions.__qapi_variants__ = {'authz-list': ObjectOptionsVariantAuthzList, 'authz-listfile': ObjectOptionsVariantAuthzListfile, 'authz-simple': ObjectOptionsVariantAuthzSimple, 'iothread': ObjectOptionsVariantIothread, 'secret': ObjectOptionsVariantSecret, 'throttle-group': ObjectOptionsVariantThrottleGroup, 'tls-creds-psk': ObjectOptionsVariantTlsCredsPsk, 'tls-creds-x509': ObjectOptionsVariantTlsCredsX509}
@@ -2562,6 +2607,7 @@ TYPES: dict[str, type] = {
     'NbdServerOptionsLegacy': NbdServerOptionsLegacy,
     'BlockExportOptionsNbdBase': BlockExportOptionsNbdBase,
     'BlockExportOptionsNbd': BlockExportOptionsNbd,
+    'BlockExportOptionsVhostUserBlk': BlockExportOptionsVhostUserBlk,
     'FuseExportAllowOther': FuseExportAllowOther,
     'BlockExportOptionsFuse': BlockExportOptionsFuse,
     'NbdServerAddOptions': NbdServerAddOptions,
