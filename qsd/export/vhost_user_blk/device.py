@@ -431,18 +431,25 @@ class Connection:
         old.close()
         return None
 
-    async def _add_mem_reg(self, msg: Message) -> bytes | None:
-        if len(msg.fds) != 1:
-            raise Panic(f"VHOST_USER_ADD_MEM_REG received {len(msg.fds)} fds - only 1 fd "
+    def _mem_reg(self, msg: Message, name: str, fds_ok: Callable[[int], bool],
+                 expected: str) -> tuple[int, int, int, int]:
+        """The region of an ADD_MEM_REG/REM_MEM_REG message, with QEMU's checks."""
+        if not fds_ok(len(msg.fds)):
+            raise Panic(f"VHOST_USER_{name}_MEM_REG received {len(msg.fds)} fds - {expected} "
                         "should be sent for this message type")
         size = P.MEM_REG_MSG.size + P.MEM_REGION.size
         if len(msg.payload) < size:
-            raise Panic(f"VHOST_USER_ADD_MEM_REG requires a message size of at least {size} "
-                        f"bytes and only {len(msg.payload)} bytes were received")
+            raise Panic(f"VHOST_USER_{name}_MEM_REG requires a message size of at least "
+                        f"{size} bytes and only {len(msg.payload)} bytes were received")
+        gpa, length, uva, offset = P.MEM_REGION.unpack_from(msg.payload, P.MEM_REG_MSG.size)
+        return gpa, length, uva, offset
+
+    async def _add_mem_reg(self, msg: Message) -> bytes | None:
+        gpa, length, uva, offset = self._mem_reg(msg, "ADD", lambda n: n == 1,
+                                                 "only 1 fd")
         if len(self.mem) >= P.MAX_MEM_SLOTS:
             raise Panic("failing attempt to hot add memory via VHOST_USER_ADD_MEM_REG message "
                         "because the backend has no free ram slots available")
-        gpa, length, uva, offset = P.MEM_REGION.unpack_from(msg.payload, P.MEM_REG_MSG.size)
         try:
             new = self.mem.with_region(gpa, length, uva, offset, msg.fds[0])
         except MapError as exc:
@@ -451,14 +458,7 @@ class Connection:
         return None
 
     async def _rem_mem_reg(self, msg: Message) -> bytes | None:
-        if len(msg.fds) > 1:
-            raise Panic(f"VHOST_USER_REM_MEM_REG received {len(msg.fds)} fds - at most 1 fd "
-                        "should be sent for this message type")
-        size = P.MEM_REG_MSG.size + P.MEM_REGION.size
-        if len(msg.payload) < size:
-            raise Panic(f"VHOST_USER_REM_MEM_REG requires a message size of at least {size} "
-                        f"bytes and only {len(msg.payload)} bytes were received")
-        gpa, length, uva, _ = P.MEM_REGION.unpack_from(msg.payload, P.MEM_REG_MSG.size)
+        gpa, length, uva, _ = self._mem_reg(msg, "REM", lambda n: n <= 1, "at most 1 fd")
         try:
             new, region = self.mem.without_region(gpa, length, uva)
         except MapError as exc:

@@ -86,7 +86,32 @@ def _table(mem: GuestMemory, addr: int, length: int) -> memoryview | bytes:
             raise RingError("Invalid indirect buffer table") from None
 
 
-class SplitRing:
+class _Areas:
+    """The three areas of a ring, found in the memory table by front-end address:
+    descriptors, driver area (available ring), device area (used ring)."""
+
+    num: int
+    mem: GuestMemory
+
+    def sizes(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def remap(self, mem: GuestMemory, desc: int, avail: int, used: int,
+              reason: str = "remapping queue on access") -> None:
+        """Finds (again) the areas; a new memory table keeps the same addresses."""
+        desc_size, avail_size, used_size = self.sizes()
+        try:
+            dmm, doff = mem.uva_area(desc, desc_size)
+            amm, aoff = mem.uva_area(avail, avail_size)
+            umm, uoff = mem.uva_area(used, used_size)
+        except BadAddress:
+            raise RingError(reason) from None
+        self.mem = mem
+        self.dmm, self.doff, self.amm, self.aoff, self.umm, self.uoff = (
+            dmm, doff, amm, aoff, umm, uoff)
+
+
+class SplitRing(_Areas):
     """A split virtqueue: descriptor table, available ring and used ring."""
 
     packed = False
@@ -96,16 +121,9 @@ class SplitRing:
                  inflight: SplitInflight | None) -> None:
         if not 0 < num <= P.MAX_QUEUE_SIZE or num & (num - 1):
             raise RingError(f"Invalid vring size {num}")
-        extra = 2 if event_idx else 0
-        try:
-            self.dmm, self.doff = mem.uva_area(desc, num * _DESC_SIZE)
-            self.amm, self.aoff = mem.uva_area(avail, 4 + 2 * num + extra)
-            self.umm, self.uoff = mem.uva_area(used, 4 + 8 * num + extra)
-        except BadAddress:
-            raise RingError("Invalid vring_addr message") from None
-        self.mem = mem
         self.num = num
         self.event_idx = event_idx
+        self.remap(mem, desc, avail, used, "Invalid vring_addr message")
         self.notify_on_empty = notify_on_empty
         self.last_avail = last_avail_idx & 0xFFFF
         self.used_idx = _U16.unpack_from(self.umm, self.uoff + 2)[0]
@@ -127,18 +145,9 @@ class SplitRing:
         """GET_VRING_BASE: the next available index to process."""
         return self.last_avail
 
-    def remap(self, mem: GuestMemory, desc: int, avail: int, used: int) -> None:
-        """Finds the rings in a new memory table (the same addresses)."""
+    def sizes(self) -> tuple[int, int, int]:
         extra = 2 if self.event_idx else 0
-        try:
-            dmm, doff = mem.uva_area(desc, self.num * _DESC_SIZE)
-            amm, aoff = mem.uva_area(avail, 4 + 2 * self.num + extra)
-            umm, uoff = mem.uva_area(used, 4 + 8 * self.num + extra)
-        except BadAddress:
-            raise RingError("remapping queue on access") from None
-        self.mem = mem
-        self.dmm, self.doff, self.amm, self.aoff, self.umm, self.uoff = (
-            dmm, doff, amm, aoff, umm, uoff)
+        return self.num * _DESC_SIZE, 4 + 2 * self.num + extra, 4 + 8 * self.num + extra
 
     def has_work(self) -> bool:
         return bool(self.resubmit) or (
@@ -249,7 +258,7 @@ class SplitRing:
         return self.has_work()
 
 
-class PackedRing:
+class PackedRing(_Areas):
     """A packed virtqueue: one descriptor ring plus the two event suppression areas."""
 
     packed = True
@@ -258,9 +267,8 @@ class PackedRing:
                  event_idx: bool, notify_on_empty: bool, base: int) -> None:
         if not 0 < num <= P.MAX_QUEUE_SIZE:
             raise RingError(f"Invalid vring size {num}")
-        self.mem = mem
         self.num = num
-        self.remap(mem, desc, driver, device)
+        self.remap(mem, desc, driver, device, "Invalid vring_addr message")
         self.event_idx = event_idx
         self.notify_on_empty = notify_on_empty
         avail, used = base & 0x7FFF, (base >> 16) & 0x7FFF
@@ -279,16 +287,8 @@ class PackedRing:
         return (self.last_avail | self.avail_wrap << 15
                 | (self.used_idx | self.used_wrap << 15) << 16)
 
-    def remap(self, mem: GuestMemory, desc: int, driver: int, device: int) -> None:
-        try:
-            dmm, doff = mem.uva_area(desc, self.num * _DESC_SIZE)
-            amm, aoff = mem.uva_area(driver, 4)
-            umm, uoff = mem.uva_area(device, 4)
-        except BadAddress:
-            raise RingError("Invalid vring_addr message") from None
-        self.mem = mem
-        self.dmm, self.doff, self.amm, self.aoff, self.umm, self.uoff = (
-            dmm, doff, amm, aoff, umm, uoff)
+    def sizes(self) -> tuple[int, int, int]:
+        return self.num * _DESC_SIZE, 4, 4
 
     def has_work(self) -> bool:
         flags = _U16.unpack_from(self.dmm, self.doff + self.last_avail * _DESC_SIZE + 14)[0]
