@@ -11,6 +11,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -588,3 +589,62 @@ def test_inflight_resubmission(workdir: Path, start_qsd: QsdFactory) -> None:
         os.close(fd)
     fe.sock.close()
     again.close()
+
+
+def _thread_ticks(pid: int, name: str) -> int:
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().strip() != name:
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def test_drain_and_iothread_moves_under_load(workdir: Path, start_qsd: QsdFactory) -> None:
+    """Graph changes drain the node while a front-end keeps requests coming; a
+    single-thread export follows its node into another iothread, queues and all."""
+    daemon = start_qsd("--object", "iothread,id=io0", "--object", "iothread,id=io1",
+                       *export_args(workdir, extra=",writable=on,num-queues=2"))
+    mon = Monitor(daemon)
+    fe = Frontend(str(workdir / "vu.sock"))
+    fe.setup(2)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                data = bytes([i % 256]) * 4096
+                assert fe.write(i % 2, 8 * (i % 512), data) == S_OK
+                assert fe.read(1 - i % 2, 8 * (i % 512), 4096) == (S_OK, data)
+                i += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        for i in range(10):
+            mon.ok("block_resize", **{"node-name": "disk"}, size=(64 + i % 2) * MiB)
+            time.sleep(0.02)
+        for iothread in ("io0", "io1", None):
+            mon.ok("x-blockdev-set-iothread", **{"node-name": "disk"}, iothread=iothread,
+                   force=True)
+            if iothread is not None:
+                # The queues work in the node's new thread now.
+                goal = _thread_ticks(daemon.pid, iothread) + 5
+                wait_until(lambda name=iothread, goal=goal:  # type: ignore[misc]
+                           _thread_ticks(daemon.pid, name) >= goal)
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors
+    fe.close()

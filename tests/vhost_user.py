@@ -73,7 +73,8 @@ class Disconnected(Exception):
 
 
 class Memory:
-    """Guest memory: one memfd, handed out by a bump allocator."""
+    """Guest memory: one memfd.  Rings are placed from the top down and stay; request
+    buffers come from the bottom up, round and round below the rings."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -81,15 +82,21 @@ class Memory:
         os.ftruncate(self.fd, size)
         self.mm = mmap.mmap(self.fd, size)
         self.next = 0
+        self.top = size
 
     def alloc(self, size: int, align: int = 64) -> int:
-        """A guest physical address of ``size`` fresh bytes."""
+        """A guest physical address of ``size`` bytes for a request's buffer."""
         start = -(-self.next // align) * align
-        if start + size > self.size:
-            self.next = 0
+        if start + size > self.top:
             start = 0
         self.next = start + size
         return GPA_BASE + start
+
+    def alloc_ring(self, size: int, align: int = 4096) -> int:
+        """A guest physical address of ``size`` bytes that stay the ring's."""
+        self.top = (self.top - size) // align * align
+        assert self.top > self.next, "guest memory full"
+        return GPA_BASE + self.top
 
     def off(self, gpa: int) -> int:
         return gpa - GPA_BASE
@@ -135,9 +142,9 @@ class SplitDriver:
         self.num = num
         self.event_idx = event_idx
         self.indirect = indirect
-        self.desc = mem.alloc(16 * num, 4096)
-        self.avail = mem.alloc(6 + 2 * num, 4096)
-        self.used = mem.alloc(6 + 8 * num, 4096)
+        self.desc = mem.alloc_ring(16 * num)
+        self.avail = mem.alloc_ring(6 + 2 * num)
+        self.used = mem.alloc_ring(6 + 8 * num)
         mem.write(self.desc, bytes(16 * num))
         mem.write(self.avail, bytes(6 + 2 * num))
         mem.write(self.used, bytes(6 + 8 * num))
@@ -211,9 +218,9 @@ class PackedDriver:
         self.num = num
         self.event_idx = event_idx
         self.indirect = indirect
-        self.ring = mem.alloc(16 * num, 4096)
-        self.driver_area = mem.alloc(4, 16)
-        self.device_area = mem.alloc(4, 16)
+        self.ring = mem.alloc_ring(16 * num)
+        self.driver_area = mem.alloc_ring(4, 16)
+        self.device_area = mem.alloc_ring(4, 16)
         mem.write(self.ring, bytes(16 * num))
         mem.write(self.driver_area, bytes(4))
         mem.write(self.device_area, bytes(4))

@@ -87,6 +87,8 @@ class VhostUserBlkExport(BlockExport):
                   BlkDevice(disk, num_queues, list(contexts)), listener, unlink,
                   follow_aio_context=not isinstance(opts.iothread, list))
         blk.set_dev_ops(exp._drained_begin, exp._drained_end, exp._drained_poll)
+        if exp.follow_aio_context:
+            blk.add_aio_context_notifier(exp._aio_context_changed)
         for iothread in exp._fixed_iothreads():
             iothread.ref()
         exp._task = asyncio.get_running_loop().create_task(exp._accept_loop())
@@ -146,16 +148,17 @@ class VhostUserBlkExport(BlockExport):
 
     def _drained_end(self) -> None:
         self.quiesced = False
-        node = self.blk.node
-        if self.follow_aio_context and node is not None:
-            # Drained: no kick reader is left in the old loop and nothing is in flight.
-            self.contexts = [node.ctx]
-            self.device.contexts = [node.ctx]
-            if self.connection is not None:
-                for queue in self.connection.queues:
-                    queue.ctx = node.ctx
         if self.connection is not None:
             self.connection.resume()
+
+    def _aio_context_changed(self, ctx: AioContext) -> None:
+        """The node moved (single-thread forms): every queue follows.  Still drained, so
+        no kick reader is left in the old loop; drained_end attaches them in ``ctx``."""
+        self.contexts = [ctx]
+        self.device.contexts = [ctx]
+        if self.connection is not None:
+            for queue in self.connection.queues:
+                queue.ctx = ctx
 
     def _drained_poll(self) -> bool:
         return self.connection is not None and self.connection.attached()
