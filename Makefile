@@ -8,7 +8,7 @@ DEBIAN_PROGRAMS := fusermount3:fuse3 qemu-img:qemu-utils qemu-io:qemu-utils qemu
 	fio:fio nbdinfo:libnbd-bin qemu-storage-daemon:qemu-system-common openssl:openssl
 DEBIAN_PYTHON_MODULES := nbd:python3-libnbd ensurepip:python3-venv
 
-.PHONY: run test test-py314 lint iotests bench deps venv clean
+.PHONY: run test test-py314 lint iotests bench stress-throttle deps venv clean
 
 deps:
 	@scripts/install-debian-deps $(DEBIAN_PROGRAMS) -- $(DEBIAN_PYTHON_MODULES)
@@ -43,6 +43,9 @@ lint: venv
 
 bench: venv
 	@$(PY) scripts/bench-fuse
+
+stress-throttle: venv
+	@$(PY) scripts/stress-throttle
 
 clean:
 	rm -rf $(VENV) .venv-py314 run bench-results

@@ -8,6 +8,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from qsd.aio import AioContext
+from qsd.block import drain
 from qsd.block.backend import BlockBackend
 from qsd.block.permissions import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
 from qsd.errors import QMPError
@@ -122,10 +123,17 @@ class ExportRegistry:
 
         A client cut off by ``mode=hard`` must see its next request fail even if it sends
         it right after the reply.  Releasing the node and the event follow afterwards.
+        The node is drained meanwhile: requests that a throttle node holds back go at once
+        then, so that stopping does not wait for them (QEMU's export deletion does not).
         """
         exp.shutting_down = True
+        root = exp.blk.root
         try:
-            await exp.shutdown()
+            if root is None:
+                await exp.shutdown()
+            else:
+                async with drain.drained(self.daemon.graph.lock, [root.node]):
+                    await exp.shutdown()
         finally:
             task = asyncio.get_running_loop().create_task(self._release(exp))
             self._deletions.add(task)

@@ -87,6 +87,7 @@ class BlockdevDriver(enum.StrEnum):
     null_aio = 'null-aio'
     null_co = 'null-co'
     raw = 'raw'
+    throttle = 'throttle'
 
 
 class IoOperationType(enum.StrEnum):
@@ -697,6 +698,18 @@ class BlockdevOptionsNull(_base.QAPIModel):
     )
 
 
+class BlockdevOptionsThrottle(_base.QAPIModel):
+    """QAPI struct BlockdevOptionsThrottle."""
+
+    throttle_group: builtins.str
+    file: BlockdevRef
+
+    __qapi_members__ = (
+        _base.MemberSpec('throttle-group', 'throttle_group', 'str', False),
+        _base.MemberSpec('file', 'file', 'BlockdevRef', False),
+    )
+
+
 class BlockdevOptionsGenericFormat(_base.QAPIModel):
     """QAPI struct BlockdevOptionsGenericFormat."""
 
@@ -880,6 +893,36 @@ class BlockdevOptionsVariantRaw(BlockdevOptions, BlockdevOptionsRaw):
         _base.MemberSpec('file', 'file', 'BlockdevRef', False),
         _base.MemberSpec('offset', 'offset', 'int', True),
         _base.MemberSpec('size', 'size', 'int', True),
+    )
+
+
+class BlockdevOptionsVariantThrottle(BlockdevOptions, BlockdevOptionsThrottle):
+    """BlockdevOptions with driver 'throttle'."""
+
+    driver: BlockdevDriver
+    node_name: builtins.str | None = None
+    discard: BlockdevDiscardOptions | None = None
+    cache: BlockdevCacheOptions | None = None
+    active: builtins.bool | None = None
+    read_only: builtins.bool | None = None
+    auto_read_only: builtins.bool | None = None
+    force_share: builtins.bool | None = None
+    detect_zeroes: BlockdevDetectZeroesOptions | None = None
+    throttle_group: builtins.str
+    file: BlockdevRef
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('node-name', 'node_name', 'str', True),
+        _base.MemberSpec('discard', 'discard', 'BlockdevDiscardOptions', True),
+        _base.MemberSpec('cache', 'cache', 'BlockdevCacheOptions', True),
+        _base.MemberSpec('active', 'active', 'bool', True),
+        _base.MemberSpec('read-only', 'read_only', 'bool', True),
+        _base.MemberSpec('auto-read-only', 'auto_read_only', 'bool', True),
+        _base.MemberSpec('force-share', 'force_share', 'bool', True),
+        _base.MemberSpec('detect-zeroes', 'detect_zeroes', 'BlockdevDetectZeroesOptions', True),
+        _base.MemberSpec('throttle-group', 'throttle_group', 'str', False),
+        _base.MemberSpec('file', 'file', 'BlockdevRef', False),
     )
 
 
@@ -2534,7 +2577,7 @@ BlockExportIothreads: typing.TypeAlias = typing.Union[builtins.str, list[builtin
 
 
 ImageInfoSpecific.__qapi_variants__ = {'file': ImageInfoSpecificVariantFile}
-BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'raw': BlockdevOptionsVariantRaw}
+BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'raw': BlockdevOptionsVariantRaw, 'throttle': BlockdevOptionsVariantThrottle}
 SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet, 'unix': SocketAddressLegacyVariantUnix, 'vsock': SocketAddressLegacyVariantVsock, 'fd': SocketAddressLegacyVariantFd}
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'vhost-user-blk': BlockExportOptionsVariantVhostUserBlk, 'fuse': BlockExportOptionsVariantFuse}
@@ -2580,6 +2623,7 @@ TYPES: dict[str, type] = {
     'BlockdevDriver': BlockdevDriver,
     'BlockdevOptionsFile': BlockdevOptionsFile,
     'BlockdevOptionsNull': BlockdevOptionsNull,
+    'BlockdevOptionsThrottle': BlockdevOptionsThrottle,
     'BlockdevOptionsGenericFormat': BlockdevOptionsGenericFormat,
     'BlockdevOptionsRaw': BlockdevOptionsRaw,
     'BlockdevOptions': BlockdevOptions,
