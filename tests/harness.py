@@ -8,6 +8,7 @@ failing test cannot leave a mount behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -114,6 +115,23 @@ class Qsd:
     def wait(self, timeout: float = 20.0) -> int:
         return self.proc.wait(timeout)
 
+    def read_stderr(self) -> str:
+        """What qsd wrote to stderr since the last call, without waiting for more; also
+        keeps the pipe from filling up, which would block a daemon that reports a lot."""
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        os.set_blocking(fd, False)
+        chunks = []
+        try:
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        except BlockingIOError:
+            pass
+        finally:
+            os.set_blocking(fd, True)
+        self.stderr += b"".join(chunks)
+        return b"".join(chunks).decode(errors="replace")
+
     def stop(self, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -130,7 +148,7 @@ class Qsd:
             self.stdout = self.proc.stdout.read()
             self.proc.stdout.close()
         if self.proc.stderr is not None and not self.proc.stderr.closed:
-            self.stderr = self.proc.stderr.read()
+            self.stderr += self.proc.stderr.read()
             self.proc.stderr.close()
         assert b"DeprecationWarning" not in self.stderr, self.stderr.decode(errors="replace")
         return self.proc.returncode

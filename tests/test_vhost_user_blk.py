@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import QsdFactory
-from tests.harness import Monitor, Qsd
+from tests.harness import Monitor
 from tests.vhost_user import (
     ADD_MEM_REG,
     DESC,
@@ -103,22 +103,6 @@ def wait_until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.01)
-
-
-def stderr_so_far(daemon: Qsd) -> str:
-    """What qsd wrote to stderr up to now (without waiting for more)."""
-    assert daemon.proc.stderr is not None
-    os.set_blocking(daemon.proc.stderr.fileno(), False)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(daemon.proc.stderr.fileno(), 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks).decode()
 
 
 # ---- block-export-add -------------------------------------------------------------------
@@ -450,7 +434,7 @@ def test_protocol_errors(workdir: Path, start_qsd: QsdFactory) -> None:
         assert qsd_fds(daemon.pid) == baseline, name
         assert guest_mappings(daemon.pid) == 0, name
         probe.close()
-        assert report in stderr_so_far(daemon), name
+        assert report in daemon.read_stderr(), name
     assert daemon.proc.poll() is None
 
 
@@ -462,7 +446,7 @@ def test_messages_that_keep_the_connection(workdir: Path, start_qsd: QsdFactory)
     fe.send(1, flags=2)    # a wrong version is not checked
     assert fe.recv()[0] == GET_FEATURES
     fe.close()
-    assert "vu_panic: disconnect" in stderr_so_far(daemon)
+    assert "vu_panic: disconnect" in daemon.read_stderr()
 
 
 # ---- connections ----------------------------------------------------------------------------
