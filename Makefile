@@ -5,10 +5,11 @@ SYSTEM_PYTHON := python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEBIAN_PROGRAMS := fusermount3:fuse3 qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
-	fio:fio nbdinfo:libnbd-bin qemu-storage-daemon:qemu-system-common openssl:openssl
+	fio:fio nbdinfo:libnbd-bin qemu-storage-daemon:qemu-system-common openssl:openssl \
+	qemu-system-x86_64:qemu-system-x86 busybox:busybox-static /boot/vmlinuz-*:linux-image-amd64
 DEBIAN_PYTHON_MODULES := nbd:python3-libnbd ensurepip:python3-venv
 
-.PHONY: run test test-py314 lint iotests bench stress-throttle deps venv clean
+.PHONY: run test test-py314 fuzz lint iotests bench stress-throttle deps venv clean
 
 deps:
 	@scripts/install-debian-deps $(DEBIAN_PROGRAMS) -- $(DEBIAN_PYTHON_MODULES)
@@ -33,6 +34,10 @@ test: venv
 test-py314:
 	@scripts/sid-chroot setup
 	@scripts/sid-chroot run make VENV=.venv-py314 SYSTEM_PYTHON=python3.14 test
+
+# The vhost-user-blk fuzz test's long run: 100,000 requests from a hostile front-end.
+fuzz: venv
+	@QSD_FUZZ_REQUESTS=100000 $(PY) -m pytest -q -s tests/test_vhost_fuzz.py
 
 iotests: venv
 	@$(PY) iotests/check

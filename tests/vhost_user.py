@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,15 @@ DESC_F_AVAIL, DESC_F_USED = 1 << 7, 1 << 15
 DESC = struct.Struct("<QIHH")
 UVA_BASE = 0x7F00_0000_0000
 GPA_BASE = 0x1_0000_0000
+
+
+_fence = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A locked instruction, so that the store before is visible before the load after."""
+    _fence.acquire()
+    _fence.release()
 
 
 class Disconnected(Exception):
@@ -195,16 +205,23 @@ class SplitDriver:
 
     def completions(self) -> list[tuple[int, int]]:
         done = []
-        used_idx = struct.unpack("<H", self.mem.read(self.used + 2, 2))[0]
-        while self.last_used != used_idx:
-            head, length = struct.unpack(
-                "<II", self.mem.read(self.used + 4 + 8 * (self.last_used % self.num), 8))
-            self.last_used = (self.last_used + 1) & 0xFFFF
-            self.free.extend(self.chains.pop(head))
-            done.append((head, length))
-        if self.event_idx:
+        while True:
+            used_idx = struct.unpack("<H", self.mem.read(self.used + 2, 2))[0]
+            while self.last_used != used_idx:
+                head, length = struct.unpack(
+                    "<II", self.mem.read(self.used + 4 + 8 * (self.last_used % self.num), 8))
+                self.last_used = (self.last_used + 1) & 0xFFFF
+                self.free.extend(self.chains.pop(head))
+                done.append((head, length))
+            if not self.event_idx:
+                return done
+            # Ask for a call at the next completion, then look again: one may have been
+            # published before the device could see the request (virtio's
+            # virtqueue_enable_cb() race).
             self.mem.write(self.avail + 4 + 2 * self.num, struct.pack("<H", self.last_used))
-        return done
+            full_barrier()
+            if struct.unpack("<H", self.mem.read(self.used + 2, 2))[0] == self.last_used:
+                return done
 
     def base(self) -> int:
         return self.avail_idx
