@@ -95,10 +95,12 @@ def map_fd(fd: int, offset: int, size: int) -> tuple[mmap.mmap, int]:
 class GuestMemory:
     """The regions of one memory table, ordered by guest physical address."""
 
-    __slots__ = ("regions",)
+    __slots__ = ("regions", "table")
 
     def __init__(self, regions: tuple[Region, ...] = ()) -> None:
         self.regions = regions
+        # For the data path: (first gpa, end gpa, gpa -> view offset, view) per region.
+        self.table = tuple((r.gpa, r.gpa + r.size, r.base - r.gpa, r.view) for r in regions)
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -131,11 +133,10 @@ class GuestMemory:
 
     def gpa_view(self, gpa: int, length: int) -> memoryview:
         """A view of guest physical ``[gpa, gpa + length)`` inside one region."""
-        for r in self.regions:
-            off = gpa - r.gpa
-            if 0 <= off and off + length <= r.size:
-                start = r.base + off
-                return r.view[start:start + length]
+        end = gpa + length
+        for first, last, delta, view in self.table:
+            if first <= gpa and end <= last:
+                return view[gpa + delta:end + delta]
         raise BadAddress(gpa)
 
     def gpa_views(self, gpa: int, length: int) -> list[memoryview]:

@@ -42,6 +42,10 @@ _S_OK: Final = P.BLK_S_OK
 _S_IOERR: Final = P.BLK_S_IOERR
 _S_UNSUPP: Final = P.BLK_S_UNSUPP
 _MAX_SECTORS: Final = P.MAX_REQUEST_SECTORS
+_SECTOR_BITS: Final = P.SECTOR_BITS
+_SECTOR_MASK: Final = P.SECTOR_SIZE - 1
+_MAX_BYTES: Final = P.MAX_REQUEST_SECTORS << P.SECTOR_BITS
+_TYPE_MASK: Final = ~P.BLK_T_BARRIER
 SERIAL: Final = b"vhost_user_blk"
 # Polling, as in the FUSE queues: the main loop has no poll-max-ns of its own.
 POLL_MAX_NS_DEFAULT: Final = 32768
@@ -56,6 +60,12 @@ class Disk:
         self.blk_size = blk_size
         self.writable = writable
         self.sectors = blk.length() >> P.SECTOR_BITS
+
+    def quick_range_ok(self, sector: int, size: int) -> bool:
+        """The usual case of range_ok(), against the size known so far."""
+        return (not size & _SECTOR_MASK and size <= _MAX_BYTES
+                and sector + (size >> _SECTOR_BITS) <= self.sectors
+                and not (sector << _SECTOR_BITS) % self.blk_size)
 
     def range_ok(self, sector: int, size: int) -> bool:
         """QEMU's virtio_blk_sect_range_ok(); the size is re-read when it looks too small,
@@ -72,14 +82,6 @@ class Disk:
                 return False
             return sector <= self.sectors and count <= self.sectors - sector
         return True
-
-
-def _split_in(inn: list[memoryview]) -> tuple[list[memoryview], memoryview]:
-    """The device-writable buffers without the trailing status byte, and that byte."""
-    last = inn[-1]
-    if len(last) == 1:
-        return inn[:-1], last
-    return [*inn[:-1], last[:-1]], last[-1:]
 
 
 def _copy_into(views: list[memoryview], data: bytes | bytearray | memoryview) -> None:
@@ -106,6 +108,8 @@ class VirtQueue:
         self.index = index
         self.ctx = ctx
         self.disk = disk
+        self._read_nowait = disk.blk.read_nowait
+        self._write_nowait = disk.blk.write_nowait
         self._on_broken = on_broken
         self.lock = threading.Lock()
         # Set by control messages before the ring starts.
@@ -309,42 +313,45 @@ class VirtQueue:
                 raise RingError("virtio-blk request outhdr too short")
             rtype, _, sector = _OUTHDR.unpack_from(joined)
             data_out = [memoryview(joined)[16:]] if len(joined) > 16 else []
-        in_len = 0
-        for view in inn:
-            in_len += len(view)
-        data_in, status = _split_in(inn)
-        rtype &= ~P.BLK_T_BARRIER
+        in_len = sum(map(len, inn))
+        status = inn[-1]
+        if len(status) == 1:
+            data_in = inn[:-1]
+        else:
+            data_in = [*inn[:-1], status[:-1]]
+            status = status[-1:]
+        rtype &= _TYPE_MASK
         disk = self.disk
         if rtype == _T_IN:
-            size = 0
-            for view in data_in:
-                size += len(view)
-            if not disk.range_ok(sector, size):
+            size = sum(map(len, data_in))
+            if not disk.quick_range_ok(sector, size) and not disk.range_ok(sector, size):
                 status[0] = _S_IOERR
                 return in_len
-            offset = sector << P.SECTOR_BITS
+            offset = sector << _SECTOR_BITS
             try:
-                data = disk.blk.read_nowait(offset, size)
+                data = self._read_nowait(offset, size)
             except OSError:
                 status[0] = _S_IOERR
                 return in_len
             if data is None:
                 self._spawn(self._read(offset, size, data_in), head, slots, status, in_len)
                 return -1
-            _copy_into(data_in, data)
+            if len(data_in) == 1:
+                data_in[0][:] = data
+            else:
+                _copy_into(data_in, data)
             status[0] = _S_OK
             return in_len
         if rtype == _T_OUT:
-            size = 0
-            for view in data_out:
-                size += len(view)
-            if not disk.writable or not disk.range_ok(sector, size):
+            size = sum(map(len, data_out))
+            if not disk.writable or (not disk.quick_range_ok(sector, size)
+                                     and not disk.range_ok(sector, size)):
                 status[0] = _S_IOERR
                 return in_len
-            offset = sector << P.SECTOR_BITS
+            offset = sector << _SECTOR_BITS
             payload = _joined(data_out) if data_out else b""
             try:
-                if disk.blk.write_nowait(offset, payload):
+                if self._write_nowait(offset, payload):
                     status[0] = _S_OK
                     return in_len
             except OSError:

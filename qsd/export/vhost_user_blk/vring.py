@@ -60,6 +60,7 @@ def need_event(event: int, new: int, old: int) -> bool:
 
 
 def _map(mem: GuestMemory, addr: int, length: int, out: list[memoryview]) -> None:
+    """Appends the views of a buffer (several where it spans regions)."""
     if not length:
         raise RingError("virtio: zero sized buffers are not allowed")
     try:
@@ -181,13 +182,14 @@ class SplitRing(_Areas):
 
     def _chain(self, head: int) -> tuple[list[memoryview], list[memoryview]]:
         mem = self.mem
-        table: memoryview | bytes | None = None
+        regions = mem.table
+        descs: list[tuple[int, int, int, int]] | None = None
         limit = self.num
         addr, length, flags, nxt = _DESC.unpack_from(self.dmm, self.doff + head * _DESC_SIZE)
         if flags & _F_INDIRECT:
-            table = _table(mem, addr, length)
-            limit = length // _DESC_SIZE
-            addr, length, flags, nxt = _DESC.unpack_from(table, 0)
+            descs = list(_DESC.iter_unpack(_table(mem, addr, length)))
+            limit = len(descs)
+            addr, length, flags, nxt = descs[0]
         out: list[memoryview] = []
         inn: list[memoryview] = []
         count = 0
@@ -195,21 +197,38 @@ class SplitRing(_Areas):
             count += 1
             if count > limit:
                 raise RingError("Looped descriptor")
-            if flags & _F_WRITE:
-                _map(mem, addr, length, inn)
+            if not length:
+                raise RingError("virtio: zero sized buffers are not allowed")
+            # The buffer inside one region (the usual case), found inline.
+            end = addr + length
+            for first, last, delta, view in regions:
+                if first <= addr and end <= last:
+                    buf = view[addr + delta:end + delta]
+                    if flags & _F_WRITE:
+                        inn.append(buf)
+                    elif inn:
+                        raise RingError("Incorrect order for descriptors")
+                    else:
+                        out.append(buf)
+                    break
             else:
-                if inn:
+                if flags & _F_WRITE:
+                    _map(mem, addr, length, inn)
+                elif inn:
                     raise RingError("Incorrect order for descriptors")
-                _map(mem, addr, length, out)
+                else:
+                    _map(mem, addr, length, out)
             if not flags & _F_NEXT:
+                if count > MAX_SEGMENTS:
+                    raise RingError("virtio: too many descriptors in indirect table")
                 return out, inn
             if nxt >= limit:
                 raise RingError(f"Desc next is {nxt}")
-            if table is None:
+            if descs is None:
                 addr, length, flags, nxt = _DESC.unpack_from(
                     self.dmm, self.doff + nxt * _DESC_SIZE)
             else:
-                addr, length, flags, nxt = _DESC.unpack_from(table, nxt * _DESC_SIZE)
+                addr, length, flags, nxt = descs[nxt]
                 if flags & _F_INDIRECT:
                     raise RingError("Invalid indirect buffer table")
 
