@@ -25,9 +25,8 @@ from qsd.qom.model import (
     type_by_name,
 )
 from tests.conftest import QsdFactory
-from tests.harness import fuse_mounts
+from tests.harness import Monitor, fuse_mounts
 from tests.test_fuse import fuse_dir  # noqa: F401 (a fixture)
-from tests.test_nbd_daemon import Monitor
 
 IOTHREAD_PROPERTIES = [
     ("type", "string"), ("thread-pool-min", "int"), ("aio-max-batch", "int"),

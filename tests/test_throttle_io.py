@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import QsdFactory
-from tests.harness import Qsd, fuse_mounts, wait_for_path
-from tests.test_nbd_daemon import Monitor, QemuIo
+from tests.harness import Monitor, Qsd, fuse_mounts, wait_for_path
+from tests.test_nbd_daemon import QemuIo
 
 MiB = 1 << 20
 RUNTIME = 3
