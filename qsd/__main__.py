@@ -16,9 +16,10 @@ import sys
 import uvloop
 
 from qsd.aio import set_main_context
-from qsd.cli import PROGRAM, CommandLine, UsageError, help_text, parse_args, version_text
+from qsd.cli import CommandLine, UsageError, help_text, parse_args, version_text
 from qsd.commands.registry import load_all
 from qsd.errors import QMPError
+from qsd.report import PROGRAM, print_hint
 
 
 def _error(message: str) -> None:
@@ -68,6 +69,8 @@ async def _run(cmdline: CommandLine, ready_fd: int | None) -> int:
                     return 0
             except QMPError as exc:
                 _error(f"{option.location()}: {exc.desc}")
+                if exc.hint is not None:
+                    print_hint(exc.hint)
                 return 1
         if cmdline.pidfile is not None:
             try:

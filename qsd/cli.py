@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import qsd
-
-PROGRAM = "qsd"
+from qsd.report import PROGRAM
 
 # Long options and whether they take an argument (getopt_long's table).
 LONG_OPTIONS: dict[str, bool] = {

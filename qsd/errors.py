@@ -5,12 +5,18 @@ import sys
 
 
 class QMPError(Exception):
-    """An error a user sees: QEMU's error class and its human-readable text."""
+    """An error a user sees: QEMU's error class and its human-readable text.
 
-    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+    ``hint`` is QEMU's ``error_append_hint()``: extra lines the command line prints after
+    the message and QMP never sends.
+    """
+
+    def __init__(self, desc: str, error_class: str = "GenericError",
+                 hint: str | None = None) -> None:
         super().__init__(desc)
         self.desc = desc
         self.error_class = error_class
+        self.hint = hint
 
     def to_qmp(self) -> dict[str, str]:
         return {"class": self.error_class, "desc": self.desc}

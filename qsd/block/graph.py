@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import re
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
@@ -36,10 +35,10 @@ from qsd.block.permissions import (
 )
 from qsd.block.transaction import Transaction
 from qsd.errors import QMPError
+from qsd.ids import id_wellformed
 from qsd.iothread import iothread_of
 from qsd.qapi import parse_type, to_wire
 
-_WELL_FORMED = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 NODE_NAME_MAX = 31  # QEMU's node_name[32] includes the NUL
 UNNAMED = "an unnamed block device"
 
@@ -321,7 +320,7 @@ class BlockGraph:
                            "discard operation to unmap")
         if name is None:
             name = self._generate_name()
-        elif not _WELL_FORMED.match(name):
+        elif not id_wellformed(name):
             raise QMPError(f"Invalid node-name: '{name}'")
         if name in self.nodes:
             raise QMPError(f"Duplicate nodes with node-name='{name}'")

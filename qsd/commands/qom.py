@@ -9,11 +9,11 @@ check, and 11.1.3 deletes them while an NBD server uses them.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from qsd.commands.registry import command
 from qsd.errors import QMPError
+from qsd.ids import ID_HINT, id_wellformed
 from qsd.qapi.generated import (
     ObjectDelArgs,
     ObjectOptions,
@@ -39,7 +39,6 @@ from qsd.qom.usercreatable import add_object, delete_object
 if TYPE_CHECKING:
     from qsd.daemon import Daemon
 
-_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 # The order of QEMU 11.1.3's type table (qom-list-types), for the types qsd has.
 _TYPE_ORDER = (
     "authz-simple", "secret_common", "container", "interface", "iothread", "secret", "authz",
@@ -51,8 +50,8 @@ _TYPE_ORDER = (
 
 @command("object-add")
 async def object_add(daemon: Daemon, args: ObjectOptions) -> None:
-    if not _IDENTIFIER.match(args.id):
-        raise QMPError("Parameter 'id' expects an identifier")
+    if not id_wellformed(args.id):
+        raise QMPError("Parameter 'id' expects an identifier", hint=ID_HINT)
     add_object(daemon.objects, args)
 
 

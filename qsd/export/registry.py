@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import re
 from typing import TYPE_CHECKING, Any
 
 from qsd.aio import AioContext
@@ -13,12 +12,11 @@ from qsd.block.backend import BlockBackend
 from qsd.block.permissions import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
 from qsd.errors import QMPError
 from qsd.export.base import BlockExport
+from qsd.ids import id_wellformed
 
 if TYPE_CHECKING:
     from qsd.daemon import Daemon
 
-# QEMU's id_wellformed(): a letter, then letters, digits, '-', '.' or '_'.
-_WELL_FORMED_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 
 
 # Export types by QAPI name: (module, class). Each is imported when first used, so an
@@ -52,7 +50,7 @@ class ExportRegistry:
         return None
 
     async def add(self, opts: Any) -> BlockExport:
-        if not _WELL_FORMED_ID.match(opts.id):
+        if not id_wellformed(opts.id):
             raise QMPError("Invalid block export id")
         if self.find(opts.id) is not None:
             raise QMPError(f"Block export id '{opts.id}' is already in use")
