@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from qsd.block.graph import BlockGraph
-from qsd.chardev import Chardev
+from qsd.chardev.registry import Chardevs
 from qsd.export.registry import ExportRegistry
 from qsd.iothread import IOThread
 from qsd.qmp.monitor import Monitor, event_message
@@ -34,7 +34,7 @@ class Daemon:
         for name, container in (("objects", self.objects), ("chardevs", Container()),
                                 ("backend", Container()), ("audiodevs", Container())):
             self.qom_root.add_child(name, container)
-        self.chardevs: dict[str, Chardev] = {}
+        self.chardevs = Chardevs()
         self.monitors: list[Monitor] = []
         self.nbd_server: Any = None
         self._shutdown_requested = asyncio.Event()
@@ -49,7 +49,7 @@ class Daemon:
 
     def start_monitors(self) -> None:
         """Like QEMU, monitors answer only once every command-line option was applied."""
-        for chardev in self.chardevs.values():
+        for chardev in self.chardevs:
             if chardev.frontend is not None:
                 chardev.start()
 
@@ -97,8 +97,7 @@ class Daemon:
             self.objects.remove_child(name).finalize()
 
     async def _close_chardevs(self) -> None:
-        chardevs = list(self.chardevs.values())
-        self.chardevs.clear()
+        chardevs = self.chardevs.take_all()
         self.monitors.clear()
         for chardev in chardevs:
             await chardev.close()

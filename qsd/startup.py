@@ -1,8 +1,9 @@
 """Applies command-line options to a Daemon through the same code paths as QMP.
 
 ``--blockdev``, ``--export`` and ``--object`` become the QMP commands they are equivalent
-to; ``--chardev`` follows QEMU's legacy QemuOpts syntax; ``--monitor`` attaches a QMP
-monitor to a chardev defined earlier.
+to; ``--chardev`` (QEMU's legacy QemuOpts syntax) becomes the ChardevBackend chardev-add
+takes and goes through the same builder; ``--monitor`` attaches a QMP monitor to a
+chardev defined earlier.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from qsd import qapi
-from qsd.chardev import Chardev, NullChardev, SocketChardev, SocketSpec, StdioChardev
-from qsd.commands.char import add_chardev
+from qsd import qapi, report
+from qsd.chardev.builder import create_chardev
+from qsd.chardev.options import help_text, parse_chardev_option
 from qsd.commands.registry import HANDLERS
 from qsd.daemon import Daemon
 from qsd.errors import QMPError
@@ -20,89 +21,6 @@ from qsd.keyval import keyval_parse
 from qsd.qapi.generated import ObjectType
 from qsd.qmp.jsonstream import parse_json_text
 from qsd.qmp.monitor import Monitor
-
-# QemuOpts keys QEMU's socket chardev accepts; the unsupported ones are ignored like
-# options that do not apply to a storage daemon's monitor.
-_CHARDEV_KEYS = {
-    "backend", "id", "path", "host", "port", "fd", "server", "wait", "nodelay", "delay",
-    "telnet", "tn3270", "websocket", "reconnect", "reconnect-ms", "ipv4", "ipv6", "to",
-    "abstract", "tight", "mux", "logfile", "logappend", "signal",
-}
-_BOOLEANS = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
-
-
-def _split_qemu_opts(text: str) -> list[str]:
-    """Splits at single commas; ``,,`` stands for a literal comma."""
-    parts, current, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1:i + 2] == ",":
-                current.append(",")
-                i += 2
-                continue
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(text[i])
-        i += 1
-    parts.append("".join(current))
-    return parts
-
-
-def parse_chardev_opts(text: str) -> dict[str, str]:
-    opts: dict[str, str] = {}
-    for index, part in enumerate(_split_qemu_opts(text)):
-        if not part:
-            continue
-        key, has_value, value = part.partition("=")
-        if not has_value:
-            if index == 0:
-                key, value = "backend", part
-            elif key.startswith("no") and key[2:] in _CHARDEV_KEYS:
-                key, value = key[2:], "off"
-            else:
-                value = "on"
-        if key not in _CHARDEV_KEYS:
-            raise QMPError(f"Invalid parameter '{key}'")
-        opts[key] = value
-    return opts
-
-
-def _opt_bool(opts: dict[str, str], key: str, default: bool) -> bool:
-    if key not in opts:
-        return default
-    try:
-        return _BOOLEANS[opts[key]]
-    except KeyError:
-        raise QMPError(f"Parameter '{key}' expects 'on' or 'off'") from None
-
-
-def chardev_from_opts(opts: dict[str, str]) -> Chardev:
-    chardev_id = opts.get("id")
-    if not chardev_id:
-        raise QMPError("chardev: no id specified")
-    backend = opts.get("backend", "")
-    if backend == "stdio":
-        return StdioChardev(chardev_id)
-    if backend == "null":
-        return NullChardev(chardev_id)
-    if backend not in ("socket", "unix", "tcp"):
-        raise QMPError(f"'{backend}' is not a valid char driver name")
-    server = _opt_bool(opts, "server", False)
-    wait = server and _opt_bool(opts, "wait", True)
-    if "path" in opts:
-        spec = SocketSpec("unix", path=opts["path"], server=server, wait=wait)
-    elif "host" in opts or "port" in opts:
-        if "host" not in opts:
-            raise QMPError("chardev: socket: no host given")
-        if "port" not in opts:
-            raise QMPError("chardev: socket: no port given")
-        spec = SocketSpec("inet", host=opts["host"], port=opts["port"], server=server, wait=wait)
-    elif "fd" in opts:
-        spec = SocketSpec("fd", fd=opts["fd"], server=server, wait=wait)
-    else:
-        raise QMPError("chardev: socket: no host given")
-    return SocketChardev(chardev_id, spec)
 
 
 def _structured(text: str, implied_key: str | None) -> tuple[object, bool]:
@@ -136,8 +54,27 @@ def _print_object_help() -> None:
         f"  {kind.value}\n" for kind in ObjectType))
 
 
+async def _chardev(daemon: Daemon, text: str) -> bool:
+    options = parse_chardev_option(text)
+    if options.help:
+        sys.stdout.write(help_text())
+        return False
+    assert options.backend is not None
+    if options.id in daemon.chardevs:
+        raise QMPError(f"attempt to add duplicate property '{options.id}' to object "
+                       "(type 'container')")
+    daemon.chardevs.add(await create_chardev(options.id, options.backend, monitor=False,
+                                             objects=daemon.objects))
+    return True
+
+
 async def apply_option(daemon: Daemon, name: str, text: str) -> bool:
     """Applies one option; False means it printed help and the daemon should exit 0."""
+    with report.location(f"--{name} {text}"):
+        return await _apply(daemon, name, text)
+
+
+async def _apply(daemon: Daemon, name: str, text: str) -> bool:
     if name == "blockdev":
         await HANDLERS["blockdev-add"](daemon, _typed("BlockdevOptions", text, "driver"))
     elif name == "export":
@@ -148,7 +85,7 @@ async def apply_option(daemon: Daemon, name: str, text: str) -> bool:
             return False
         await HANDLERS["object-add"](daemon, _typed("ObjectOptions", text, "qom-type"))
     elif name == "chardev":
-        await add_chardev(daemon, chardev_from_opts(parse_chardev_opts(text)))
+        return await _chardev(daemon, text)
     elif name == "monitor":
         await _monitor(daemon, text)
     elif name == "nbd-server":

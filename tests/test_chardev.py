@@ -12,19 +12,21 @@ from tests.harness import QSD, RawMonitor, wait_for_listener
 
 
 def test_inherited_listening_fd(tmp_path: Path) -> None:
+    # As in QEMU, an fd address is a connected socket unless server=on says it listens.
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = tmp_path / "l.sock"
     listener.bind(str(path))
     listener.listen(1)
-    proc = subprocess.Popen(QSD + ["--chardev", f"socket,id=m,fd={listener.fileno()}",
-                                   "--monitor", "m"], pass_fds=[listener.fileno()],
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(QSD + ["--chardev", f"socket,id=m,fd={listener.fileno()},"
+                                   "server=on,wait=off", "--monitor", "m"],
+                            pass_fds=[listener.fileno()], stderr=subprocess.PIPE)
     listener.close()
     try:
         raw = RawMonitor(path)
         raw.negotiate()
         chardevs = json.loads(raw.command(b'{"execute":"query-chardev"}'))["return"]
-        assert chardevs[0]["label"] == "m"
+        assert chardevs == [{"label": "m", "filename": f"unix:{path},server=on",
+                             "frontend-open": True}]
         raw.close()
     finally:
         proc.terminate()

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qsd.nbd import protocol as P
-from tests.harness import Monitor, Qsd, nbd_flags, nbd_list, wait_for_path
+from tests.harness import QSD, Monitor, Qsd, nbd_flags, nbd_list, wait_for_path
 from tests.test_nbd_protocol import Raw, meta_payload
 
 
@@ -325,3 +325,45 @@ def test_malformed_input(daemon: tuple[Qsd, Path], handshake: bytes, extended: b
     assert h.pread(4, 0) == b"\xaa" * 4
     h.shutdown()
     assert qsd.proc.poll() is None
+
+
+def test_server_address_errors_match_qemu(workdir: Path, image: Path) -> None:
+    """The texts qemu-storage-daemon 11.1.3 answers for addresses it cannot listen on."""
+    qsd = Qsd(workdir, blockdevs(image))
+    try:
+        mon = Monitor(qsd)
+        too_long = "/tmp/" + "x" * 120
+        for addr, desc in [
+            ({"type": "vsock", "data": {"cid": "x", "port": "1234"}}, "Failed to parse cid 'x'"),
+            ({"type": "vsock", "data": {"cid": "1", "port": "y"}}, "Failed to parse port 'y'"),
+            ({"type": "vsock", "data": {"cid": "4294967296", "port": "1"}},
+             "Failed to parse cid '4294967296'"),
+            ({"type": "fd", "data": {"str": "foo"}}, "only QEMU supports file descriptor passing"),
+            ({"type": "fd", "data": {"str": "0"}}, "only QEMU supports file descriptor passing"),
+            ({"type": "unix", "data": {"path": too_long}},
+             f"UNIX socket path '{too_long}' is too long"),
+            ({"type": "unix", "data": {"path": "/nonexistent/x.sock"}},
+             "Failed to bind socket to /nonexistent/x.sock: No such file or directory"),
+            ({"type": "inet", "data": {"host": "127.0.0.1", "port": "xyz"}},
+             "address resolution failed for 127.0.0.1:xyz: Servname not supported for "
+             "ai_socktype"),
+        ]:
+            assert mon.err("nbd-server-start", addr=addr) == desc
+        if hasattr(socket, "AF_VSOCK") and os.path.exists("/dev/vsock"):
+            mon.ok("nbd-server-start", addr={"type": "vsock", "data": {
+                "cid": "4294967295", "port": "0"}})
+            mon.ok("nbd-server-stop")
+    finally:
+        qsd.stop()
+
+
+@pytest.mark.parametrize(("value", "stderr"), [
+    ("addr.type=fd,addr.str=abc", "Unable to parse FD number abc"),
+    ("addr.type=fd,addr.str=0", "File descriptor '0' is not a socket"),
+    ("addr.type=vsock,addr.cid=x,addr.port=1", "Failed to parse cid 'x'"),
+])
+def test_command_line_server_address_errors(value: str, stderr: str) -> None:
+    result = subprocess.run(QSD + ["--nbd-server", value], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=20)
+    assert (result.returncode, result.stderr) == (1, f"qsd: --nbd-server {value}: {stderr}\n")
+

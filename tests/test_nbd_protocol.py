@@ -26,6 +26,7 @@ import nbd
 import pytest
 import uvloop
 
+from qsd import qapi
 from qsd.aio import AioContext
 from qsd.block.node import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO
 from qsd.export.nbd import NbdExport
@@ -122,7 +123,8 @@ class Harness:
         self.exports: list[NbdExport] = []
 
     async def _server(self, max_connections: int) -> NbdServer:
-        return NbdServer({"type": "unix", "path": self.path}, max_connections, 10)
+        addr = qapi.parse_type("SocketAddress", {"type": "unix", "path": self.path})
+        return NbdServer(addr, max_connections, 10, monitor=False)
 
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)

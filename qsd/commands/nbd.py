@@ -18,27 +18,16 @@ from qsd.qapi.generated import (
     NbdServerOptionsBase,
     NbdServerRemoveArgs,
     NbdServerStartArgs,
+    SocketAddress,
 )
+from qsd.sockets import flatten
 
 if TYPE_CHECKING:
-    from qsd.crypto.tlscreds import TlsCreds
     from qsd.daemon import Daemon
 
 
-def _tls_creds(daemon: Daemon, creds_id: str) -> TlsCreds:
-    """QEMU's nbd_get_tls_creds()."""
-    from qsd.crypto.tlscreds import TlsCreds  # only a TLS server needs cryptography
-    creds = daemon.objects.get(creds_id)
-    if creds is None:
-        raise QMPError(f"No TLS credentials with id '{creds_id}'")
-    if not isinstance(creds, TlsCreds):
-        raise QMPError(f"Object with id '{creds_id}' is not TLS credentials")
-    if not creds.is_server:
-        raise QMPError("Expected TLS credentials for a server endpoint")
-    return creds
-
-
-async def _start(daemon: Daemon, addr: dict[str, Any], args: NbdServerOptionsBase) -> None:
+async def _start(daemon: Daemon, addr: SocketAddress, args: NbdServerOptionsBase, *,
+                 monitor: bool) -> None:
     if daemon.nbd_server is not None:
         raise QMPError("NBD server already running")
     from qsd.nbd.handshake import TlsPolicy  # the NBD server loads when it first starts
@@ -48,10 +37,12 @@ async def _start(daemon: Daemon, addr: dict[str, Any], args: NbdServerOptionsBas
     server = NbdServer(
         addr,
         NBD_DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections,
-        NBD_DEFAULT_HANDSHAKE_MAX_SECS if handshake is None else handshake)
+        NBD_DEFAULT_HANDSHAKE_MAX_SECS if handshake is None else handshake,
+        monitor=monitor)
     if args.tls_creds is not None:
+        from qsd.crypto.tlscreds import find_tls_creds  # only TLS needs cryptography
         try:
-            creds = _tls_creds(daemon, args.tls_creds)
+            creds = find_tls_creds(daemon.objects, args.tls_creds, server=True)
         except QMPError:
             await server.stop()
             raise
@@ -63,14 +54,12 @@ async def _start(daemon: Daemon, addr: dict[str, Any], args: NbdServerOptionsBas
 
 async def nbd_server_start_options(daemon: Daemon, opts: NbdServerOptions) -> None:
     """``--nbd-server``: the same as nbd-server-start with a flat SocketAddress."""
-    await _start(daemon, qapi.to_wire(opts.addr), opts)
+    await _start(daemon, opts.addr, opts, monitor=False)
 
 
 @command("nbd-server-start")
 async def nbd_server_start(daemon: Daemon, args: NbdServerStartArgs) -> None:
-    legacy = qapi.to_wire(args.addr)
-    addr = {"type": legacy["type"], **legacy.get("data", {})}
-    await _start(daemon, addr, args)
+    await _start(daemon, flatten(args.addr), args, monitor=True)
 
 
 @command("nbd-server-stop")

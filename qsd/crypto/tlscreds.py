@@ -127,6 +127,20 @@ class _Identity:
         self.certs = certs
 
 
+def find_tls_creds(objects: Mapping[str, object], creds_id: str, *, server: bool) -> TlsCreds:
+    """The credentials a ``tls-creds`` option names, for a server or a client endpoint,
+    with QEMU's texts for a missing id, another kind of object and the wrong endpoint."""
+    creds = objects.get(creds_id)
+    if creds is None:
+        raise QMPError(f"No TLS credentials with id '{creds_id}'")
+    if not isinstance(creds, TlsCreds):
+        raise QMPError(f"Object with id '{creds_id}' is not TLS credentials")
+    if creds.is_server != server:
+        raise QMPError(f"Expected TLS credentials for a {'server' if server else 'client'} "
+                       "endpoint")
+    return creds
+
+
 _X509_PROPERTIES = (
     Property("sanity-check", "bool", get=attrgetter("sanity_check"),
              set=store("sanity_check")),

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
-import stat
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from qsd.errors import QMPError
 from qsd.nbd.handshake import Negotiated, Negotiation, NegotiationError, TlsPolicy
 from qsd.nbd.transmission import NbdClient, report
+from qsd.sockets import Listener
 
 if TYPE_CHECKING:
     from qsd.aio import AioContext
+    from qsd.qapi.generated import SocketAddress
 
 
 class ServedExport:
@@ -149,143 +148,42 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def _listen_unix(addr: dict[str, Any]) -> socket.socket:
-    path = str(addr.get("path", ""))
-    abstract = bool(addr.get("abstract", False))
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        bind_to: str | bytes
-        if abstract:
-            raw = b"\0" + path.encode()
-            bind_to = raw if addr.get("tight", True) else raw.ljust(108, b"\0")
-        else:
-            bind_to = path
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise QMPError(f"Failed to unlink socket {path}: {exc.strerror}") from None
-        try:
-            sock.bind(bind_to)
-        except OSError as exc:
-            raise QMPError(f"Failed to bind socket to {path}: {exc.strerror}") from None
-        sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _listen_inet(addr: dict[str, Any]) -> list[socket.socket]:
-    host = str(addr.get("host", ""))
-    port = str(addr.get("port", ""))
-    family = socket.AF_UNSPEC
-    if addr.get("ipv4") and not addr.get("ipv6"):
-        family = socket.AF_INET
-    elif addr.get("ipv6") and not addr.get("ipv4"):
-        family = socket.AF_INET6
-    try:
-        infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0,
-                                   socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise QMPError(f"address resolution failed for {host}:{port}: {exc.strerror}") from None
-    socks: list[socket.socket] = []
-    seen: set[tuple[int, Any]] = set()
-    try:
-        for fam, stype, proto, _, sockaddr in infos:
-            if (fam, sockaddr) in seen:
-                continue
-            seen.add((fam, sockaddr))
-            sock = socket.socket(fam, stype, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if fam == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(sockaddr)
-            except OSError as exc:
-                raise QMPError(f"Failed to find an available port: {exc.strerror}") from None
-            sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
-def _listen_fd(addr: dict[str, Any]) -> socket.socket:
-    text = str(addr.get("str", ""))
-    if not text.isdigit():
-        raise QMPError(f"File descriptor named '{text}' not found")
-    fd = int(text)
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        raise QMPError(f"File descriptor '{text}' is not valid: {exc.strerror}") from None
-    if not stat.S_ISSOCK(mode):
-        raise QMPError(f"File descriptor '{text}' is not a socket")
-    return socket.socket(fileno=fd)
-
-
-def open_listeners(addr: dict[str, Any]) -> list[socket.socket]:
-    """Listening sockets for a flat SocketAddress (QEMU's qio_net_listener_open_sync)."""
-    kind = addr.get("type")
-    if kind == "unix":
-        socks = [_listen_unix(addr)]
-    elif kind == "inet":
-        socks = _listen_inet(addr)
-    elif kind == "fd":
-        socks = [_listen_fd(addr)]
-    else:
-        raise QMPError(f"Unsupported socket address type '{kind}'")
-    for sock in socks:
-        sock.setblocking(False)
-    return socks
-
-
 class NbdServer:
     """The daemon's NBD server (``daemon.nbd_server``)."""
 
-    def __init__(self, addr: dict[str, Any], max_connections: int,
-                 handshake_max_seconds: int) -> None:
+    def __init__(self, addr: SocketAddress, max_connections: int, handshake_max_seconds: int,
+                 *, monitor: bool) -> None:
         self.tls: TlsPolicy | None = None
         self.max_connections = max_connections
         self.handshake_max_seconds = handshake_max_seconds
         self.exports: dict[str, ServedExport] = {}
-        self._sockets = open_listeners(addr)
-        self._unlink = (str(addr["path"]) if addr.get("type") == "unix"
-                        and not addr.get("abstract") else None)
+        self._listener = Listener.open(addr, socket.SOMAXCONN, monitor=monitor)
         self._loop = asyncio.get_running_loop()
         self._connections = 0
-        self._slot_free = asyncio.Event()
         self._handshakes: set[asyncio.Task[None]] = set()
-        self._acceptors = [self._loop.create_task(self._accept_loop(sock))
-                           for sock in self._sockets]
+        self._update_watch()
 
     def can_multi_conn(self) -> bool:
         """QEMU advertises multi-conn unless the server allows a single connection."""
         return self.max_connections != 1
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        while True:
-            while self.max_connections and self._connections >= self.max_connections:
-                self._slot_free.clear()
-                await self._slot_free.wait()
-            try:
-                sock, _ = await self._loop.sock_accept(listener)
-            except OSError as exc:
-                report(f"NBD server failed to accept a connection: {exc.strerror}")
-                await asyncio.sleep(0.1)
-                continue
-            self._connections += 1
-            task = self._loop.create_task(self._serve(sock))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+    def _update_watch(self) -> None:
+        """Accepts only below max-connections, as QEMU's nbd_update_server_watch()."""
+        if not self.max_connections or self._connections < self.max_connections:
+            self._listener.set_client_func(self._accepted)
+        else:
+            self._listener.set_client_func(None)
+
+    def _accepted(self, sock: socket.socket) -> None:
+        self._connections += 1
+        self._update_watch()
+        task = self._loop.create_task(self._serve(sock))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
 
     def _connection_closed(self) -> None:
         self._connections -= 1
-        self._slot_free.set()
+        self._update_watch()
 
     async def _serve(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -333,14 +231,9 @@ class NbdServer:
         self._connection_closed()
 
     async def stop(self) -> None:
-        """Closes the listeners and drops connections still negotiating."""
-        for task in self._acceptors:
-            task.cancel()
-        for sock in self._sockets:
-            sock.close()
-        if self._unlink is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self._unlink)
+        """Closes the listener (its unix socket file goes too) and drops connections
+        still negotiating."""
+        self._listener.close()
         for task in list(self._handshakes):
             task.cancel()
-        await asyncio.gather(*self._acceptors, *self._handshakes, return_exceptions=True)
+        await asyncio.gather(*self._handshakes, return_exceptions=True)

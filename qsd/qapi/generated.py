@@ -1579,7 +1579,6 @@ class ChardevSocket(ChardevCommon):
     telnet: builtins.bool | None = None
     tn3270: builtins.bool | None = None
     websocket: builtins.bool | None = None
-    reconnect: builtins.int | None = None
     reconnect_ms: builtins.int | None = None
 
     __qapi_members__ = (
@@ -1594,7 +1593,6 @@ class ChardevSocket(ChardevCommon):
         _base.MemberSpec('telnet', 'telnet', 'bool', True),
         _base.MemberSpec('tn3270', 'tn3270', 'bool', True),
         _base.MemberSpec('websocket', 'websocket', 'bool', True),
-        _base.MemberSpec('reconnect', 'reconnect', 'int', True),
         _base.MemberSpec('reconnect-ms', 'reconnect_ms', 'int', True),
     )
 

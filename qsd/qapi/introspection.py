@@ -729,7 +729,6 @@ SCHEMA: list[dict[str, object]] = [{'name': 'query-block', 'meta-type': 'command
               {'name': 'telnet', 'type': 'bool', 'default': None},
               {'name': 'tn3270', 'type': 'bool', 'default': None},
               {'name': 'websocket', 'type': 'bool', 'default': None},
-              {'name': 'reconnect', 'type': 'int', 'default': None, 'features': ['deprecated']},
               {'name': 'reconnect-ms', 'type': 'int', 'default': None}]},
  {'name': '119',
   'meta-type': 'object',

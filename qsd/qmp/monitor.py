@@ -19,7 +19,7 @@ from qsd.qmp.encode import encode_message
 from qsd.qmp.jsonstream import JSONParseError, JSONStreamParser
 
 if TYPE_CHECKING:
-    from qsd.chardev import Connection
+    from qsd.chardev.base import Connection
     from qsd.daemon import Daemon
 
 # The session whose request is being run, like QEMU's ``cur_mon``.
