@@ -367,3 +367,69 @@ def test_command_line_server_address_errors(value: str, stderr: str) -> None:
                             capture_output=True, text=True, timeout=20)
     assert (result.returncode, result.stderr) == (1, f"qsd: --nbd-server {value}: {stderr}\n")
 
+
+OPTS = struct.pack(">Q", P.NBD_OPTS_MAGIC)
+FIXED = struct.pack(">I", P.NBD_FLAG_C_FIXED_NEWSTYLE)
+
+
+def test_negotiation_failures_on_stderr(workdir: Path, image: Path) -> None:
+    """Each broken handshake leaves the line qemu-storage-daemon 11.1.3 prints for it."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="qsd-nbd-", dir="/tmp"))
+    sock = sock_dir / "nbd.sock"
+    qsd = Qsd(workdir, blockdevs(image) + [
+        "--nbd-server", f"addr.type=unix,addr.path={sock},handshake-max-seconds=1",
+        "--export", "nbd,id=e0,node-name=disk"], monitor=False)
+    eof = "Unexpected end-of-file before all data were read"
+    cases: list[tuple[bytes, str | None]] = [
+        (b"\0\0", None),  # a port probe is not worth a message
+        (FIXED + b"IHAVE", f"Failed to read opts magic: {eof}"),
+        (FIXED + OPTS + b"\0", f"Failed to read option: {eof}"),
+        (FIXED + OPTS + struct.pack(">I", 7) + b"\0", f"Failed to read option length: {eof}"),
+        (FIXED + OPTS + struct.pack(">II", P.NBD_OPT_GO, 10) + b"\0\0", eof),
+        (FIXED + b"\0" * 8, "Bad magic received"),
+        (FIXED + OPTS + struct.pack(">II", P.NBD_OPT_GO, 0x7FFFFFFF),
+         "len (2147483647) is larger than max len (33554432)"),
+        (struct.pack(">I", 0) + OPTS + struct.pack(">II", P.NBD_OPT_GO, 0),
+         "Unsupported option 7 (go)"),
+        (FIXED + OPTS + struct.pack(">II", P.NBD_OPT_EXPORT_NAME, 4) + b"ab",
+         f"Failed to read export name: {eof}"),
+        (FIXED + OPTS + struct.pack(">II", P.NBD_OPT_EXPORT_NAME, 5000), "Bad length received"),
+        (FIXED + OPTS + struct.pack(">II", P.NBD_OPT_EXPORT_NAME, 0), "export not found"),
+    ]
+    try:
+        wait_for_path(sock, qsd.proc)
+        for payload, _ in cases:
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(20)
+            s.connect(str(sock))
+            assert len(s.recv(18)) == 18
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+            s.close()
+        # Closing with the server's reply unread makes its next read fail with a reset.
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(20)
+        s.connect(str(sock))
+        s.recv(18)
+        s.sendall(FIXED + OPTS + struct.pack(">II", P.NBD_OPT_LIST, 4) + b"\0" * 4)
+        assert len(s.recv(1)) == 1
+        s.close()
+        # The handshake timer cuts a client that stops talking.
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(20)
+        s.connect(str(sock))
+        s.recv(18)
+        s.sendall(FIXED)
+        assert s.recv(1) == b""
+        s.close()
+    finally:
+        qsd.stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    expected = [f"qsd: option negotiation failed: {line}" for _, line in cases if line]
+    expected += [
+        "qsd: option negotiation failed: Failed to read opts magic: Unable to read from "
+        "socket: Connection reset by peer",
+        f"qsd: option negotiation failed: Failed to read opts magic: {eof}"]
+    assert sorted(qsd.stderr.decode().splitlines()) == sorted(expected)

@@ -8,6 +8,7 @@ socket can be handed to the export's loop afterwards.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from collections.abc import Mapping
@@ -115,19 +116,29 @@ class Negotiation:
 
     # -- raw I/O -------------------------------------------------------------------
 
-    async def _read(self, size: int) -> bytes:
+    async def _read(self, size: int, what: str | None = None) -> bytes:
+        """QEMU's nbd_read(): its errors say ``what`` was being read, when it is named."""
         buf = bytearray(size)
         view = memoryview(buf)
         got = 0
-        while got < size:
-            if self.channel is not None:
-                n = await self.channel.read_into(view[got:])
-            else:
-                n = await self.loop.sock_recv_into(self.sock, view[got:])
-            if n == 0:
-                raise NegotiationError("Unexpected end-of-file before all data were read")
-            got += n
-        return bytes(buf)
+        try:
+            while got < size:
+                if self.channel is not None:
+                    n = await self.channel.read_into(view[got:])
+                else:
+                    n = await self.loop.sock_recv_into(self.sock, view[got:])
+                if n == 0:
+                    break
+                got += n
+        except OSError as exc:
+            message = f"Unable to read from socket: {os.strerror(exc.errno or 0)}"
+        except TlsFailure as exc:
+            message = str(exc)
+        else:
+            if got == size:
+                return bytes(buf)
+            message = "Unexpected end-of-file before all data were read"
+        raise NegotiationError(message if what is None else f"Failed to read {what}: {message}")
 
     async def _drop(self, size: int) -> None:
         while size > 0:
@@ -136,10 +147,14 @@ class Negotiation:
             size -= chunk
 
     async def _write(self, data: bytes) -> None:
-        if self.channel is not None:
-            await self.channel.write(data)
-        else:
-            await self.loop.sock_sendall(self.sock, data)
+        try:
+            if self.channel is not None:
+                await self.channel.write(data)
+            else:
+                await self.loop.sock_sendall(self.sock, data)
+        except OSError as exc:
+            raise NegotiationError(
+                f"Unable to write to socket: {os.strerror(exc.errno or 0)}") from None
 
     async def _send_rep(self, rep_type: int, payload: bytes = b"") -> None:
         await self._write(OPTION_REPLY.pack(NBD_REP_MAGIC, self.opt, rep_type, len(payload))
@@ -185,7 +200,7 @@ class Negotiation:
         try:
             await self._write(greeting)
             raw_flags = await self._read(4)
-        except (OSError, NegotiationError):
+        except NegotiationError:
             return None  # a port probe: QEMU stays silent about it
         (flags,) = struct.unpack(">I", raw_flags)
         fixed = bool(flags & NBD_FLAG_C_FIXED_NEWSTYLE)
@@ -197,10 +212,13 @@ class Negotiation:
             raise NegotiationError(f"Unknown client flags 0x{flags:x} received")
 
         while True:
-            magic, option, length = struct.unpack(">QII", await self._read(16))
+            (magic,) = struct.unpack(">Q", await self._read(8, "opts magic"))
             if magic != NBD_OPTS_MAGIC:
                 raise NegotiationError("Bad magic received")
-            self.opt, self.optlen = option, length
+            (option,) = struct.unpack(">I", await self._read(4, "option"))
+            self.opt = option
+            (length,) = struct.unpack(">I", await self._read(4, "option length"))
+            self.optlen = length
             if length > NBD_MAX_BUFFER_SIZE:
                 raise NegotiationError(
                     f"len ({length}) is larger than max len ({NBD_MAX_BUFFER_SIZE})")
@@ -216,7 +234,7 @@ class Negotiation:
                 if option == NBD_OPT_ABORT:
                     try:
                         await self._send_rep(NBD_REP_ACK)
-                    except OSError:
+                    except NegotiationError:
                         pass  # the client need not wait for our reply
                     return None
                 result = await self._option(option, length)
@@ -249,7 +267,7 @@ class Negotiation:
         message = f"Option 0x{option:x} not permitted before TLS"
         try:
             await self._opt_drop(NBD_REP_ERR_TLS_REQD, message)
-        except OSError:
+        except NegotiationError:
             if option != NBD_OPT_ABORT:
                 raise
         return option == NBD_OPT_ABORT
@@ -316,7 +334,8 @@ class Negotiation:
             raise NegotiationError("Extended headers already negotiated")
         if self.optlen > NBD_MAX_STRING_SIZE:
             raise NegotiationError("Bad length received")
-        name = (await self._read(self.optlen)).split(b"\0", 1)[0].decode("utf-8", "replace")
+        raw_name = await self._read(self.optlen, "export name")
+        name = raw_name.split(b"\0", 1)[0].decode("utf-8", "replace")
         self.optlen = 0
         exp = self.exports.get(name)
         if exp is None:

@@ -200,8 +200,6 @@ class NbdServer:
                 negotiated = await Negotiation(sock, self.exports, self.tls).run()
             except NegotiationError as exc:
                 report(f"option negotiation failed: {exc}")
-            except OSError as exc:
-                report(f"option negotiation failed: {exc.strerror or exc}")
             finally:
                 if timer is not None:
                     timer.cancel()
