@@ -340,8 +340,8 @@ async def test_aligned_driver_over_fuse_and_nbd(workdir: Path) -> None:
         await asyncio.to_thread(_unaligned_io_over_fuse, mountpoint, ref, 1)
         await daemon.exports.delete("fuse0", "safe")
         await daemon.exports.close_all("fuse")
-        daemon.nbd_server = NbdServer({"type": "unix", "path": str(workdir / "nbd.sock")},
-                                      0, 10)
+        addr = qapi.parse_type("SocketAddress", {"type": "unix", "path": str(workdir / "nbd.sock")})
+        daemon.nbd_server = NbdServer(addr, 0, 10, monitor=False)
         await _export(daemon, type="nbd", id="nbd0", writable=True, **{"node-name": "t0"})
         await asyncio.to_thread(_unaligned_io_over_nbd, workdir / "nbd.sock", ref, 2)
     finally:
