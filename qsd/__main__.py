@@ -18,8 +18,7 @@ import uvloop
 from qsd.aio import set_main_context
 from qsd.cli import CommandLine, UsageError, help_text, parse_args, version_text
 from qsd.commands.registry import load_all
-from qsd.errors import QMPError
-from qsd.report import PROGRAM, print_hint
+from qsd.errors import PROGRAM, QMPError, print_hint
 
 
 def _error(message: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import qsd
-from qsd.report import PROGRAM
+from qsd.errors import PROGRAM
 
 # Long options and whether they take an argument (getopt_long's table).
 LONG_OPTIONS: dict[str, bool] = {

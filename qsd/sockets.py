@@ -10,8 +10,8 @@ loop while a client callback is set (so its owner can pause accepting), and remo
 unix socket file when it is closed.
 
 File descriptor addresses name a descriptor the daemon inherited. QEMU only resolves
-them on the command line; a QMP command naming one gets the storage daemon's refusal,
-so the functions here take ``monitor`` (True when a QMP command is asking).
+them on the command line; a QMP command naming one gets the storage daemon's refusal
+(``qsd.qmp.session`` tells the two apart, as QEMU's monitor_cur() does).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from qsd.qapi.generated import (
     SocketAddressVariantUnix,
     SocketAddressVariantVsock,
 )
+from qsd.qmp.session import in_monitor_command
 
 ClientFunc = Callable[[socket.socket], None]
 Sockaddr = tuple[Any, ...] | str | bytes
@@ -62,9 +63,9 @@ def flatten(addr: SocketAddressLegacy) -> SocketAddress:
     return result
 
 
-def _parse_fd(text: str, monitor: bool) -> int:
+def _parse_fd(text: str) -> int:
     """QEMU's socket_get_fd(): a descriptor number that must name a socket."""
-    if monitor:
+    if in_monitor_command():
         raise QMPError("only QEMU supports file descriptor passing")
     match = _SIGNED.match(text)
     if match is None:
@@ -79,8 +80,8 @@ def _parse_fd(text: str, monitor: bool) -> int:
     return fd
 
 
-def _fd_socket(addr: SocketAddressVariantFd, monitor: bool) -> socket.socket:
-    return socket.socket(fileno=_parse_fd(addr.str, monitor))
+def _fd_socket(addr: SocketAddressVariantFd) -> socket.socket:
+    return socket.socket(fileno=_parse_fd(addr.str))
 
 
 def _vsock_address(addr: SocketAddressVariantVsock) -> tuple[int, int]:
@@ -266,8 +267,8 @@ def _listen_vsock(addr: SocketAddressVariantVsock, backlog: int) -> socket.socke
     return sock
 
 
-def _listen_fd(addr: SocketAddressVariantFd, backlog: int, monitor: bool) -> socket.socket:
-    sock = _fd_socket(addr, monitor)
+def _listen_fd(addr: SocketAddressVariantFd, backlog: int) -> socket.socket:
+    sock = _fd_socket(addr)
     try:
         sock.listen(backlog)
     except OSError as exc:
@@ -276,7 +277,7 @@ def _listen_fd(addr: SocketAddressVariantFd, backlog: int, monitor: bool) -> soc
     return sock
 
 
-def _open_listeners(addr: SocketAddress, backlog: int, monitor: bool, unix_mode: int | None
+def _open_listeners(addr: SocketAddress, backlog: int, unix_mode: int | None
                     ) -> list[socket.socket]:
     """QEMU's qio_net_listener_open_sync(): succeeds if any resolved address listens,
     and reports the first address's error otherwise."""
@@ -297,7 +298,7 @@ def _open_listeners(addr: SocketAddress, backlog: int, monitor: bool, unix_mode:
     if isinstance(addr, SocketAddressVariantVsock):
         return [_listen_vsock(addr, backlog)]
     assert isinstance(addr, SocketAddressVariantFd)
-    return [_listen_fd(addr, backlog, monitor)]
+    return [_listen_fd(addr, backlog)]
 
 
 def local_address(sock: socket.socket) -> SocketAddress:
@@ -343,10 +344,10 @@ class Listener:
             sock.setblocking(False)
 
     @classmethod
-    def open(cls, addr: SocketAddress, backlog: int, *, monitor: bool,
-             unix_mode: int | None = None) -> Listener:
+    def open(cls, addr: SocketAddress, backlog: int, *, unix_mode: int | None = None
+             ) -> Listener:
         """Listens on ``addr``; a unix socket file gets ``unix_mode`` if given."""
-        return cls(_open_listeners(addr, backlog, monitor, unix_mode))
+        return cls(_open_listeners(addr, backlog, unix_mode))
 
     def local_address(self) -> SocketAddress:
         return local_address(self.sockets[0])
@@ -481,7 +482,7 @@ async def _connect_to(family: int, sockaddr: Sockaddr, where: str, create_error:
     return sock
 
 
-async def connect(addr: SocketAddress, *, monitor: bool) -> socket.socket:
+async def connect(addr: SocketAddress) -> socket.socket:
     """QEMU's socket_connect(), without blocking the loop: a connected socket."""
     if isinstance(addr, SocketAddressVariantInet):
         return await _connect_inet(addr)
@@ -493,6 +494,6 @@ async def connect(addr: SocketAddress, *, monitor: bool) -> socket.socket:
         return await _connect_to(socket.AF_VSOCK, _vsock_address(addr), f"{addr.cid}:{addr.port}",
                                  f"Failed to create socket family {socket.AF_VSOCK}")
     assert isinstance(addr, SocketAddressVariantFd)
-    sock = _fd_socket(addr, monitor)
+    sock = _fd_socket(addr)
     sock.setblocking(False)
     return sock

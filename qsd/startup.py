@@ -11,12 +11,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from qsd import qapi, report
+from qsd import qapi
 from qsd.chardev.builder import create_chardev
 from qsd.chardev.options import help_text, parse_chardev_option
 from qsd.commands.registry import HANDLERS
 from qsd.daemon import Daemon
-from qsd.errors import QMPError
+from qsd.errors import QMPError, location
 from qsd.keyval import keyval_parse
 from qsd.qapi.generated import ObjectType
 from qsd.qmp.jsonstream import parse_json_text
@@ -63,14 +63,14 @@ async def _chardev(daemon: Daemon, text: str) -> bool:
     if options.id in daemon.chardevs:
         raise QMPError(f"attempt to add duplicate property '{options.id}' to object "
                        "(type 'container')")
-    daemon.chardevs.add(await create_chardev(options.id, options.backend, monitor=False,
+    daemon.chardevs.add(await create_chardev(options.id, options.backend,
                                              objects=daemon.objects))
     return True
 
 
 async def apply_option(daemon: Daemon, name: str, text: str) -> bool:
     """Applies one option; False means it printed help and the daemon should exit 0."""
-    with report.location(f"--{name} {text}"):
+    with location(f"--{name} {text}"):
         return await _apply(daemon, name, text)
 
 

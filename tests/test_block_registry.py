@@ -341,7 +341,7 @@ async def test_aligned_driver_over_fuse_and_nbd(workdir: Path) -> None:
         await daemon.exports.delete("fuse0", "safe")
         await daemon.exports.close_all("fuse")
         addr = qapi.parse_type("SocketAddress", {"type": "unix", "path": str(workdir / "nbd.sock")})
-        daemon.nbd_server = NbdServer(addr, 0, 10, monitor=False)
+        daemon.nbd_server = NbdServer(addr, 0, 10)
         await _export(daemon, type="nbd", id="nbd0", writable=True, **{"node-name": "t0"})
         await asyncio.to_thread(_unaligned_io_over_nbd, workdir / "nbd.sock", ref, 2)
     finally:

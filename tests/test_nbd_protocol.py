@@ -124,7 +124,7 @@ class Harness:
 
     async def _server(self, max_connections: int) -> NbdServer:
         addr = qapi.parse_type("SocketAddress", {"type": "unix", "path": self.path})
-        return NbdServer(addr, max_connections, 10, monitor=False)
+        return NbdServer(addr, max_connections, 10)
 
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)

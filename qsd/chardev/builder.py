@@ -62,7 +62,7 @@ def _validate_socket(opts: ChardevSocket, addr: SocketAddress) -> None:
             raise QMPError(f"socket chardev option '{name.replace('_', '-')}' is not supported")
 
 
-def _socket(chardev_id: str, opts: ChardevSocket, log: ChardevLog | None, monitor: bool,
+def _socket(chardev_id: str, opts: ChardevSocket, log: ChardevLog | None,
             objects: Mapping[str, object]) -> Chardev:
     server = opts.server is None or opts.server
     if opts.tls_creds is not None:
@@ -73,7 +73,7 @@ def _socket(chardev_id: str, opts: ChardevSocket, log: ChardevLog | None, monito
     _validate_socket(opts, addr)
     return SocketChardev(chardev_id, addr, server=server, wait=bool(opts.wait),
                          reconnect_ms=opts.reconnect_ms or 0, nodelay=bool(opts.nodelay),
-                         monitor=monitor, log=log)
+                         log=log)
 
 
 def _common(backend: ChardevBackend) -> ChardevCommon:
@@ -82,10 +82,10 @@ def _common(backend: ChardevBackend) -> ChardevCommon:
     return common
 
 
-def _make(chardev_id: str, backend: ChardevBackend, log: ChardevLog | None, monitor: bool,
+def _make(chardev_id: str, backend: ChardevBackend, log: ChardevLog | None,
           objects: Mapping[str, object]) -> Chardev:
     if isinstance(backend, ChardevBackendVariantSocket):
-        return _socket(chardev_id, backend.data, log, monitor, objects)
+        return _socket(chardev_id, backend.data, log, objects)
     if isinstance(backend, ChardevBackendVariantFile):
         opts = backend.data
         return FileChardev(chardev_id, opts.out, opts.in_, bool(opts.append), log)
@@ -95,14 +95,14 @@ def _make(chardev_id: str, backend: ChardevBackend, log: ChardevLog | None, moni
     return Chardev(chardev_id, log)
 
 
-async def create_chardev(chardev_id: str, backend: ChardevBackend, *, monitor: bool,
+async def create_chardev(chardev_id: str, backend: ChardevBackend,
                          objects: Mapping[str, object]) -> Chardev:
-    """An open chardev; ``monitor`` says a QMP command asks (see ``qsd.sockets``), and
-    ``objects`` are the daemon's objects by id (where ``tls-creds`` is looked up)."""
+    """An open chardev; ``objects`` are the daemon's objects by id (where ``tls-creds`` is
+    looked up)."""
     common = _common(backend)
     log = ChardevLog(common.logfile, bool(common.logappend)) if common.logfile else None
     try:
-        chardev = _make(chardev_id, backend, log, monitor, objects)
+        chardev = _make(chardev_id, backend, log, objects)
     except BaseException:
         if log is not None:
             log.close()

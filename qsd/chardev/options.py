@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass
 
 from qsd import qapi
-from qsd.errors import QMPError
+from qsd.errors import QMPError, print_hint, warn_report
 from qsd.ids import ID_HINT, id_wellformed
 from qsd.qapi.generated import ChardevBackend
-from qsd.report import print_hint, warn_report
 
 # qemu_chardev_opts in QEMU 11.1 (``--chardev socket,help`` lists it), by value type.
 _OPTION_TYPES = {

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from qsd import sockets
 from qsd.chardev.base import Chardev, ChardevLog, StreamConnection, serve_once
-from qsd.errors import QMPError
+from qsd.errors import QMPError, error_report, info_report
 from qsd.qapi.generated import (
     SocketAddress,
     SocketAddressVariantFd,
@@ -27,7 +27,6 @@ from qsd.qapi.generated import (
     SocketAddressVariantUnix,
     SocketAddressVariantVsock,
 )
-from qsd.report import error_report, info_report
 
 
 def _unix_name(name: str | bytes) -> str:
@@ -96,15 +95,13 @@ class _HangupWatch:
 
 class SocketChardev(Chardev):
     def __init__(self, chardev_id: str, addr: SocketAddress, *, server: bool, wait: bool,
-                 reconnect_ms: int, nodelay: bool, monitor: bool,
-                 log: ChardevLog | None) -> None:
+                 reconnect_ms: int, nodelay: bool, log: ChardevLog | None) -> None:
         super().__init__(chardev_id, log)
         self.addr = addr
         self.server = server
         self.wait = wait
         self.reconnect_ms = reconnect_ms
         self.nodelay = nodelay
-        self.monitor = monitor
         self._loop = asyncio.get_running_loop()
         self._listener: sockets.Listener | None = None
         self._sock: socket.socket | None = None
@@ -128,15 +125,14 @@ class SocketChardev(Chardev):
         elif self.reconnect_ms > 0:
             self._connect_in_background()
         else:
-            self._new_client(await sockets.connect(self.addr, monitor=self.monitor))
+            self._new_client(await sockets.connect(self.addr))
 
     async def _open_server(self) -> None:
         # An fd address with an empty name listens nowhere (QEMU keeps it for hand-overs).
         if isinstance(self.addr, SocketAddressVariantFd) and not self.addr.str:
             return
         # A monitor is a control channel: only the daemon's owner may connect to it.
-        self._listener = sockets.Listener.open(self.addr, 1, monitor=self.monitor,
-                                               unix_mode=0o600)
+        self._listener = sockets.Listener.open(self.addr, 1, unix_mode=0o600)
         self.addr = self._listener.local_address()
         if self.wait:
             info_report(f"QEMU waiting for connection on: {self.filename()}")
@@ -200,7 +196,7 @@ class SocketChardev(Chardev):
 
     async def _try_connect(self) -> None:
         try:
-            sock = await sockets.connect(self.addr, monitor=self.monitor)
+            sock = await sockets.connect(self.addr)
         except QMPError as exc:
             if not self._error_reported:
                 error_report(f"Unable to connect character device {self.id}: {exc.desc}")

@@ -18,7 +18,7 @@ async def chardev_add(daemon: Daemon, args: ChardevAddArgs) -> None:
     if args.id in daemon.chardevs:
         raise QMPError(f"Chardev with id '{args.id}' already exists")
     try:
-        chardev = await create_chardev(args.id, args.backend, monitor=True,
+        chardev = await create_chardev(args.id, args.backend,
                                        objects=daemon.objects)
         if args.id in daemon.chardevs:  # added meanwhile, while this one waited for a client
             await chardev.close()

@@ -9,7 +9,7 @@ import qsd
 from qsd import qapi
 from qsd.commands.registry import HANDLERS, command
 from qsd.qapi.generated import QmpCapabilitiesArgs
-from qsd.qmp.monitor import current_session
+from qsd.qmp.session import current_session
 
 if TYPE_CHECKING:
     from qsd.daemon import Daemon

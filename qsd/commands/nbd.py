@@ -26,8 +26,7 @@ if TYPE_CHECKING:
     from qsd.daemon import Daemon
 
 
-async def _start(daemon: Daemon, addr: SocketAddress, args: NbdServerOptionsBase, *,
-                 monitor: bool) -> None:
+async def _start(daemon: Daemon, addr: SocketAddress, args: NbdServerOptionsBase) -> None:
     if daemon.nbd_server is not None:
         raise QMPError("NBD server already running")
     from qsd.nbd.handshake import TlsPolicy  # the NBD server loads when it first starts
@@ -37,8 +36,7 @@ async def _start(daemon: Daemon, addr: SocketAddress, args: NbdServerOptionsBase
     server = NbdServer(
         addr,
         NBD_DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections,
-        NBD_DEFAULT_HANDSHAKE_MAX_SECS if handshake is None else handshake,
-        monitor=monitor)
+        NBD_DEFAULT_HANDSHAKE_MAX_SECS if handshake is None else handshake)
     if args.tls_creds is not None:
         from qsd.crypto.tlscreds import find_tls_creds  # only TLS needs cryptography
         try:
@@ -54,12 +52,12 @@ async def _start(daemon: Daemon, addr: SocketAddress, args: NbdServerOptionsBase
 
 async def nbd_server_start_options(daemon: Daemon, opts: NbdServerOptions) -> None:
     """``--nbd-server``: the same as nbd-server-start with a flat SocketAddress."""
-    await _start(daemon, opts.addr, opts, monitor=False)
+    await _start(daemon, opts.addr, opts)
 
 
 @command("nbd-server-start")
 async def nbd_server_start(daemon: Daemon, args: NbdServerStartArgs) -> None:
-    await _start(daemon, flatten(args.addr), args, monitor=True)
+    await _start(daemon, flatten(args.addr), args)
 
 
 @command("nbd-server-stop")

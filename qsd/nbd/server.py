@@ -14,8 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from qsd.errors import error_report
 from qsd.nbd.handshake import Negotiated, Negotiation, NegotiationError, TlsPolicy
-from qsd.nbd.transmission import NbdClient, report
+from qsd.nbd.transmission import NbdClient
 from qsd.sockets import Listener
 
 if TYPE_CHECKING:
@@ -151,13 +152,13 @@ def _shutdown(sock: socket.socket) -> None:
 class NbdServer:
     """The daemon's NBD server (``daemon.nbd_server``)."""
 
-    def __init__(self, addr: SocketAddress, max_connections: int, handshake_max_seconds: int,
-                 *, monitor: bool) -> None:
+    def __init__(self, addr: SocketAddress, max_connections: int, handshake_max_seconds: int
+                 ) -> None:
         self.tls: TlsPolicy | None = None
         self.max_connections = max_connections
         self.handshake_max_seconds = handshake_max_seconds
         self.exports: dict[str, ServedExport] = {}
-        self._listener = Listener.open(addr, socket.SOMAXCONN, monitor=monitor)
+        self._listener = Listener.open(addr, socket.SOMAXCONN)
         self._loop = asyncio.get_running_loop()
         self._connections = 0
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -199,7 +200,7 @@ class NbdServer:
             try:
                 negotiated = await Negotiation(sock, self.exports, self.tls).run()
             except NegotiationError as exc:
-                report(f"option negotiation failed: {exc}")
+                error_report(f"option negotiation failed: {exc}")
             finally:
                 if timer is not None:
                     timer.cancel()

@@ -17,12 +17,12 @@ import asyncio
 import os
 import socket
 import struct
-import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from qsd.block.node import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO
+from qsd.errors import error_report
 from qsd.nbd.protocol import (
     COMPACT_REQUEST,
     EXTENDED_CHUNK,
@@ -96,12 +96,6 @@ class _Disconnect(Exception):
     """Sending or reading failed in a way after which QEMU drops the client."""
 
 
-def report(message: str) -> None:
-    """QEMU's error_report(): the daemon's stderr is where operators look."""
-    sys.stderr.write(f"qsd: {message}\n")
-    sys.stderr.flush()
-
-
 class NbdClient(SocketCarrier):
     """One negotiated client connection; lives in (and is only touched from) one loop,
     except for ``quiescing``/``inflight``, which the drain hooks use from the main thread.
@@ -166,8 +160,8 @@ class NbdClient(SocketCarrier):
 
     def eof_received(self) -> bool:
         if self.buf:
-            report("Disconnect client, due to: "
-                   "Unexpected end-of-file before all data were read")
+            error_report("Disconnect client, due to: "
+                         "Unexpected end-of-file before all data were read")
         self._begin_disconnect()
         return True
 
@@ -281,7 +275,7 @@ class NbdClient(SocketCarrier):
             self.transport.close()
 
     def _fail(self, message: str) -> None:
-        report(f"Disconnect client, due to: {message}")
+        error_report(f"Disconnect client, due to: {message}")
         self.buf.clear()
         self._begin_disconnect()
 

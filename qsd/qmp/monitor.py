@@ -8,7 +8,6 @@ writer, so a message is never interleaved with another.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
 from typing import TYPE_CHECKING
 
@@ -17,14 +16,11 @@ from qsd.errors import QMPError
 from qsd.qmp.dispatch import Request, check_envelope, reply, run_command
 from qsd.qmp.encode import encode_message
 from qsd.qmp.jsonstream import JSONParseError, JSONStreamParser
+from qsd.qmp.session import current_session
 
 if TYPE_CHECKING:
     from qsd.chardev.base import Connection
     from qsd.daemon import Daemon
-
-# The session whose request is being run, like QEMU's ``cur_mon``.
-current_session: contextvars.ContextVar[MonitorSession] = contextvars.ContextVar("current_session")
-
 
 def greeting() -> dict[str, object]:
     major, minor, micro = qsd.QEMU_VERSION

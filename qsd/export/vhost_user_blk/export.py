@@ -16,17 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from typing import TYPE_CHECKING, Any
 
-from qsd import qapi
-from qsd.errors import QMPError, error_report
+from qsd.errors import QMPError
 from qsd.export.base import BlockExport
 from qsd.export.vhost_user_blk import protocol as P
 from qsd.export.vhost_user_blk.device import BlkDevice, Connection
 from qsd.export.vhost_user_blk.queue import Disk
 from qsd.iothread import IOThread, iothread_of
-from qsd.nbd.server import open_listeners
+from qsd.qapi.generated import (
+    SocketAddress,
+    SocketAddressVariantFd,
+    SocketAddressVariantUnix,
+)
+from qsd.sockets import Listener
 
 if TYPE_CHECKING:
     from qsd.aio import AioContext
@@ -44,11 +47,10 @@ def _check_block_size(value: int) -> None:
                        f"{MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}")
 
 
-def _listen(addr: dict[str, Any]) -> socket.socket:
-    if addr.get("type") not in ("unix", "fd"):
+def _listen(addr: SocketAddress) -> Listener:
+    if not isinstance(addr, SocketAddressVariantUnix | SocketAddressVariantFd):
         raise QMPError("Only socket address types 'unix' and 'fd' are supported")
-    (sock,) = open_listeners(addr)
-    return sock
+    return Listener.open(addr, 1)
 
 
 class VhostUserBlkExport(BlockExport):
@@ -56,12 +58,11 @@ class VhostUserBlkExport(BlockExport):
     supports_multithread = True
 
     def __init__(self, daemon: Daemon, export_id: str, node_name: str, blk: BlockBackend,
-                 contexts: list[AioContext], device: BlkDevice, listener: socket.socket,
-                 unlink: str | None, follow_aio_context: bool) -> None:
+                 contexts: list[AioContext], device: BlkDevice, listener: Listener,
+                 follow_aio_context: bool) -> None:
         super().__init__(daemon, export_id, node_name, blk, contexts)
         self.device = device
         self.listener = listener
-        self.unlink = unlink
         self.follow_aio_context = follow_aio_context
         self.connection: Connection | None = None
         self.quiesced = False
@@ -80,11 +81,8 @@ class VhostUserBlkExport(BlockExport):
         except OSError as exc:
             raise QMPError(f"Failed to get the length of the exported node: "
                            f"{os.strerror(exc.errno or 0)}") from None
-        addr = qapi.to_wire(opts.addr)
-        listener = _listen(addr)
-        unlink = addr["path"] if addr["type"] == "unix" and not addr.get("abstract") else None
         exp = cls(daemon, opts.id, opts.node_name, blk, contexts,
-                  BlkDevice(disk, num_queues, list(contexts)), listener, unlink,
+                  BlkDevice(disk, num_queues, list(contexts)), _listen(opts.addr),
                   follow_aio_context=not isinstance(opts.iothread, list))
         blk.set_dev_ops(exp._drained_begin, exp._drained_end, exp._drained_poll)
         if exp.follow_aio_context:
@@ -102,15 +100,8 @@ class VhostUserBlkExport(BlockExport):
         return [thread for thread in threads if thread is not None]
 
     async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self.shutting_down:
-            try:
-                sock, _ = await loop.sock_accept(self.listener)
-            except OSError as exc:
-                error_report(f"vhost-user-blk: failed to accept a connection: {exc.strerror}")
-                await asyncio.sleep(0.1)
-                continue
-            sock.setblocking(False)
+            sock = await self.listener.wait_client()
             connection = Connection(sock, self.device, paused=self.quiesced)
             self.connection = connection
             try:
@@ -133,9 +124,6 @@ class VhostUserBlkExport(BlockExport):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.listener.close()
-        if self.unlink is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.unlink)
         for iothread in self._fixed_iothreads():
             iothread.unref()
 
