@@ -176,14 +176,26 @@ class QemuStorageDaemon:
             self._connect()
 
     def _connect(self, timeout: float = 30.0) -> None:
-        """Wait for the socket (or an early exit) and negotiate capabilities."""
+        """Wait for the socket to listen (or an early exit) and negotiate capabilities.
+
+        The socket file exists a moment before it listens (bind, then listen), so a
+        refused connection is retried too."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while not os.path.exists(self.sock_path):
+        while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"qsd exited with status {self.proc.returncode}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"qsd did not create {self.sock_path}")
+                raise TimeoutError(f"qsd does not listen on {self.sock_path}")
+            if os.path.exists(self.sock_path):
+                probe = socket.socket(socket.AF_UNIX)
+                try:
+                    probe.connect(self.sock_path)
+                    break
+                except ConnectionRefusedError:
+                    pass
+                finally:
+                    probe.close()
             time.sleep(0.02)
         self.monitor = QEMUMonitorProtocol(self.sock_path)
         self.monitor.connect(negotiate=True)
