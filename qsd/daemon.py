@@ -11,6 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
+from qsd.block import events as block_events
 from qsd.block.graph import BlockGraph
 from qsd.chardev.registry import Chardevs
 from qsd.export.registry import ExportRegistry
@@ -42,6 +43,7 @@ class Daemon:
         # QMP commands being executed: shutdown lets them finish first, so that an export
         # being added or deleted is not left half made (mounted, but in no list).
         self.running_commands: set[asyncio.Task[Any]] = set()
+        block_events.set_sink(self.emit_event)
 
     @property
     def iothreads(self) -> dict[str, IOThread]:

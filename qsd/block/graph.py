@@ -249,7 +249,7 @@ class BlockGraph:
                 node = await self.open_node(opts, None, created)
             except BaseException:
                 for n in reversed(created):
-                    self._destroy(n)
+                    await self._destroy(n)
                 raise
             node.monitor_owned = True
             return node
@@ -338,16 +338,19 @@ class BlockGraph:
             if name not in self.nodes:
                 return name
 
-    def _destroy(self, node: BlockNode) -> None:
-        """Unlinks and closes a node that nobody uses; children it owned go too."""
+    async def _destroy(self, node: BlockNode) -> None:
+        """Unlinks and closes a node that nobody uses; children it owned go too.  The
+        driver writes back its caches first, while its children are still there."""
         if node.closed:
             return
         node.closed = True
+        if node.opened:
+            await node.inactivate()
         for child in list(node.children):
             self.detach_child(child)
             below = child.node
             if not below.parents and not below.monitor_owned:
-                self._destroy(below)
+                await self._destroy(below)
         if self.nodes.get(node.node_name) is node:
             del self.nodes[node.node_name]
             _unref_ctx(node.ctx)
@@ -370,7 +373,7 @@ class BlockGraph:
                 if node.parents or self.nodes.get(node_name) is not node:
                     raise QMPError(f"Node {node_name} is in use")
                 with self.lock.write():
-                    self._destroy(node)
+                    await self._destroy(node)
 
     # ---- AioContexts ---------------------------------------------------------------------
 
@@ -445,9 +448,9 @@ class BlockGraph:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for node in reversed(list(self.nodes.values())):
             if self.nodes.get(node.node_name) is node and not node.parents:
-                self._destroy(node)
+                await self._destroy(node)
         for node in list(self.nodes.values()):
-            self._destroy(node)
+            await self._destroy(node)
 
 
 class _Opener:

@@ -41,6 +41,7 @@ from qsd.block.node import (
     BLOCK_EOF,
     BLOCK_OFFSET_VALID,
     BLOCK_RAW,
+    BLOCK_RECURSE,
     BLOCK_ZERO,
     BlockNode,
     BlockStatus,
@@ -422,8 +423,9 @@ async def node_block_status(node: BlockNode, want_zero: bool, offset: int,
                     flags |= BLOCK_ZERO
                 elif want_zero and offset >= cow.node.length():
                     flags |= BLOCK_ZERO
-            if (want_zero and file is not None and file is not node and flags & BLOCK_DATA
-                    and not flags & BLOCK_ZERO and flags & BLOCK_OFFSET_VALID):
+            if (want_zero and flags & BLOCK_RECURSE and file is not None and file is not node
+                    and flags & BLOCK_DATA and not flags & BLOCK_ZERO
+                    and flags & BLOCK_OFFSET_VALID):
                 try:
                     below = await node_block_status(file, want_zero, mapping, count)
                 except OSError:
@@ -438,6 +440,6 @@ async def node_block_status(node: BlockNode, want_zero: bool, offset: int,
                         flags |= below.flags & BLOCK_ZERO
         if offset + count == total:
             flags |= BLOCK_EOF
-        return BlockStatus(flags, count, mapping, file)
+        return BlockStatus(flags & ~BLOCK_RECURSE, count, mapping, file)
     finally:
         next(node.requests_done)

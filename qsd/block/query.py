@@ -23,7 +23,7 @@ def image_info(node: BlockNode, flat: bool) -> dict[str, object]:
         "format": node.driver,
     }
     if node.has_info():
-        image["dirty-flag"] = False
+        image.update(node.get_info())
     image["actual-size"] = node.allocated_size()
     image["virtual-size"] = node.length()
     if node.backing_file:

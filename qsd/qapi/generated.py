@@ -26,9 +26,24 @@ class QAuthZListFormat(enum.StrEnum):
     glob = 'glob'
 
 
+class Qcow2CompressionType(enum.StrEnum):
+    """QAPI enum Qcow2CompressionType."""
+
+    zlib = 'zlib'
+    zstd = 'zstd'
+
+
+class Qcow2BitmapInfoFlags(enum.StrEnum):
+    """QAPI enum Qcow2BitmapInfoFlags."""
+
+    in_use = 'in-use'
+    auto = 'auto'
+
+
 class ImageInfoSpecificKind(enum.StrEnum):
     """QAPI enum ImageInfoSpecificKind."""
 
+    qcow2 = 'qcow2'
     file = 'file'
 
 
@@ -86,8 +101,25 @@ class BlockdevDriver(enum.StrEnum):
     file = 'file'
     null_aio = 'null-aio'
     null_co = 'null-co'
+    qcow2 = 'qcow2'
     raw = 'raw'
     throttle = 'throttle'
+
+
+class Qcow2OverlapCheckMode(enum.StrEnum):
+    """QAPI enum Qcow2OverlapCheckMode."""
+
+    none = 'none'
+    constant = 'constant'
+    cached = 'cached'
+    all = 'all'
+
+
+class BlockdevQcow2EncryptionFormat(enum.StrEnum):
+    """QAPI enum BlockdevQcow2EncryptionFormat."""
+
+    aes = 'aes'
+    luks = 'luks'
 
 
 class IoOperationType(enum.StrEnum):
@@ -299,6 +331,56 @@ class ImageInfoSpecificFile(_base.QAPIModel):
     )
 
 
+class Qcow2BitmapInfo(_base.QAPIModel):
+    """QAPI struct Qcow2BitmapInfo."""
+
+    name: builtins.str
+    granularity: builtins.int
+    flags: list[Qcow2BitmapInfoFlags]
+
+    __qapi_members__ = (
+        _base.MemberSpec('name', 'name', 'str', False),
+        _base.MemberSpec('granularity', 'granularity', 'uint32', False),
+        _base.MemberSpec('flags', 'flags', '[Qcow2BitmapInfoFlags]', False),
+    )
+
+
+class ImageInfoSpecificQCow2(_base.QAPIModel):
+    """QAPI struct ImageInfoSpecificQCow2."""
+
+    compat: builtins.str
+    data_file: builtins.str | None = None
+    data_file_raw: builtins.bool | None = None
+    extended_l2: builtins.bool | None = None
+    lazy_refcounts: builtins.bool | None = None
+    corrupt: builtins.bool | None = None
+    refcount_bits: builtins.int
+    bitmaps: list[Qcow2BitmapInfo] | None = None
+    compression_type: Qcow2CompressionType
+
+    __qapi_members__ = (
+        _base.MemberSpec('compat', 'compat', 'str', False),
+        _base.MemberSpec('data-file', 'data_file', 'str', True),
+        _base.MemberSpec('data-file-raw', 'data_file_raw', 'bool', True),
+        _base.MemberSpec('extended-l2', 'extended_l2', 'bool', True),
+        _base.MemberSpec('lazy-refcounts', 'lazy_refcounts', 'bool', True),
+        _base.MemberSpec('corrupt', 'corrupt', 'bool', True),
+        _base.MemberSpec('refcount-bits', 'refcount_bits', 'int', False),
+        _base.MemberSpec('bitmaps', 'bitmaps', '[Qcow2BitmapInfo]', True),
+        _base.MemberSpec('compression-type', 'compression_type', 'Qcow2CompressionType', False),
+    )
+
+
+class ImageInfoSpecificQCow2Wrapper(_base.QAPIModel):
+    """QAPI struct ImageInfoSpecificQCow2Wrapper."""
+
+    data: ImageInfoSpecificQCow2
+
+    __qapi_members__ = (
+        _base.MemberSpec('data', 'data', 'ImageInfoSpecificQCow2', False),
+    )
+
+
 class ImageInfoSpecificFileWrapper(_base.QAPIModel):
     """QAPI struct ImageInfoSpecificFileWrapper."""
 
@@ -318,6 +400,18 @@ class ImageInfoSpecific(_base.QAPIModel):
         _base.MemberSpec('type', 'type', 'ImageInfoSpecificKind', False),
     )
     __qapi_tag__ = 'type'
+
+
+class ImageInfoSpecificVariantQcow2(ImageInfoSpecific, ImageInfoSpecificQCow2Wrapper):
+    """ImageInfoSpecific with type 'qcow2'."""
+
+    type: ImageInfoSpecificKind
+    data: ImageInfoSpecificQCow2
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'ImageInfoSpecificKind', False),
+        _base.MemberSpec('data', 'data', 'ImageInfoSpecificQCow2', False),
+    )
 
 
 class ImageInfoSpecificVariantFile(ImageInfoSpecific, ImageInfoSpecificFileWrapper):
@@ -720,6 +814,136 @@ class BlockdevOptionsGenericFormat(_base.QAPIModel):
     )
 
 
+class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):
+    """QAPI struct BlockdevOptionsGenericCOWFormat."""
+
+    backing: BlockdevRefOrNull | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('file', 'file', 'BlockdevRef', False),
+        _base.MemberSpec('backing', 'backing', 'BlockdevRefOrNull', True),
+    )
+
+
+class Qcow2OverlapCheckFlags(_base.QAPIModel):
+    """QAPI struct Qcow2OverlapCheckFlags."""
+
+    template: Qcow2OverlapCheckMode | None = None
+    main_header: builtins.bool | None = None
+    active_l1: builtins.bool | None = None
+    active_l2: builtins.bool | None = None
+    refcount_table: builtins.bool | None = None
+    refcount_block: builtins.bool | None = None
+    snapshot_table: builtins.bool | None = None
+    inactive_l1: builtins.bool | None = None
+    inactive_l2: builtins.bool | None = None
+    bitmap_directory: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('template', 'template', 'Qcow2OverlapCheckMode', True),
+        _base.MemberSpec('main-header', 'main_header', 'bool', True),
+        _base.MemberSpec('active-l1', 'active_l1', 'bool', True),
+        _base.MemberSpec('active-l2', 'active_l2', 'bool', True),
+        _base.MemberSpec('refcount-table', 'refcount_table', 'bool', True),
+        _base.MemberSpec('refcount-block', 'refcount_block', 'bool', True),
+        _base.MemberSpec('snapshot-table', 'snapshot_table', 'bool', True),
+        _base.MemberSpec('inactive-l1', 'inactive_l1', 'bool', True),
+        _base.MemberSpec('inactive-l2', 'inactive_l2', 'bool', True),
+        _base.MemberSpec('bitmap-directory', 'bitmap_directory', 'bool', True),
+    )
+
+
+class QCryptoBlockOptionsQCow(_base.QAPIModel):
+    """QAPI struct QCryptoBlockOptionsQCow."""
+
+    key_secret: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('key-secret', 'key_secret', 'str', True),
+    )
+
+
+class QCryptoBlockOptionsLUKS(_base.QAPIModel):
+    """QAPI struct QCryptoBlockOptionsLUKS."""
+
+    key_secret: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('key-secret', 'key_secret', 'str', True),
+    )
+
+
+class BlockdevQcow2Encryption(_base.QAPIModel):
+    """QAPI union BlockdevQcow2Encryption: a value is one of its Variant classes."""
+
+    format: BlockdevQcow2EncryptionFormat
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'BlockdevQcow2EncryptionFormat', False),
+    )
+    __qapi_tag__ = 'format'
+
+
+class BlockdevQcow2EncryptionVariantAes(BlockdevQcow2Encryption, QCryptoBlockOptionsQCow):
+    """BlockdevQcow2Encryption with format 'aes'."""
+
+    format: BlockdevQcow2EncryptionFormat
+    key_secret: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'BlockdevQcow2EncryptionFormat', False),
+        _base.MemberSpec('key-secret', 'key_secret', 'str', True),
+    )
+
+
+class BlockdevQcow2EncryptionVariantLuks(BlockdevQcow2Encryption, QCryptoBlockOptionsLUKS):
+    """BlockdevQcow2Encryption with format 'luks'."""
+
+    format: BlockdevQcow2EncryptionFormat
+    key_secret: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'BlockdevQcow2EncryptionFormat', False),
+        _base.MemberSpec('key-secret', 'key_secret', 'str', True),
+    )
+
+
+class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):
+    """QAPI struct BlockdevOptionsQcow2."""
+
+    lazy_refcounts: builtins.bool | None = None
+    pass_discard_request: builtins.bool | None = None
+    pass_discard_snapshot: builtins.bool | None = None
+    pass_discard_other: builtins.bool | None = None
+    discard_no_unref: builtins.bool | None = None
+    overlap_check: Qcow2OverlapChecks | None = None
+    cache_size: builtins.int | None = None
+    l2_cache_size: builtins.int | None = None
+    l2_cache_entry_size: builtins.int | None = None
+    refcount_cache_size: builtins.int | None = None
+    cache_clean_interval: builtins.int | None = None
+    encrypt: BlockdevQcow2Encryption | None = None
+    data_file: BlockdevRef | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('file', 'file', 'BlockdevRef', False),
+        _base.MemberSpec('backing', 'backing', 'BlockdevRefOrNull', True),
+        _base.MemberSpec('lazy-refcounts', 'lazy_refcounts', 'bool', True),
+        _base.MemberSpec('pass-discard-request', 'pass_discard_request', 'bool', True),
+        _base.MemberSpec('pass-discard-snapshot', 'pass_discard_snapshot', 'bool', True),
+        _base.MemberSpec('pass-discard-other', 'pass_discard_other', 'bool', True),
+        _base.MemberSpec('discard-no-unref', 'discard_no_unref', 'bool', True),
+        _base.MemberSpec('overlap-check', 'overlap_check', 'Qcow2OverlapChecks', True),
+        _base.MemberSpec('cache-size', 'cache_size', 'int', True),
+        _base.MemberSpec('l2-cache-size', 'l2_cache_size', 'int', True),
+        _base.MemberSpec('l2-cache-entry-size', 'l2_cache_entry_size', 'int', True),
+        _base.MemberSpec('refcount-cache-size', 'refcount_cache_size', 'int', True),
+        _base.MemberSpec('cache-clean-interval', 'cache_clean_interval', 'int', True),
+        _base.MemberSpec('encrypt', 'encrypt', 'BlockdevQcow2Encryption', True),
+        _base.MemberSpec('data-file', 'data_file', 'BlockdevRef', True),
+    )
+
+
 class BlockdevOptionsRaw(BlockdevOptionsGenericFormat):
     """QAPI struct BlockdevOptionsRaw."""
 
@@ -861,6 +1085,62 @@ class BlockdevOptionsVariantNullCo(BlockdevOptions, BlockdevOptionsNull):
         _base.MemberSpec('size', 'size', 'int', True),
         _base.MemberSpec('latency-ns', 'latency_ns', 'uint64', True),
         _base.MemberSpec('read-zeroes', 'read_zeroes', 'bool', True),
+    )
+
+
+class BlockdevOptionsVariantQcow2(BlockdevOptions, BlockdevOptionsQcow2):
+    """BlockdevOptions with driver 'qcow2'."""
+
+    driver: BlockdevDriver
+    node_name: builtins.str | None = None
+    discard: BlockdevDiscardOptions | None = None
+    cache: BlockdevCacheOptions | None = None
+    active: builtins.bool | None = None
+    read_only: builtins.bool | None = None
+    auto_read_only: builtins.bool | None = None
+    force_share: builtins.bool | None = None
+    detect_zeroes: BlockdevDetectZeroesOptions | None = None
+    file: BlockdevRef
+    backing: BlockdevRefOrNull | None = None
+    lazy_refcounts: builtins.bool | None = None
+    pass_discard_request: builtins.bool | None = None
+    pass_discard_snapshot: builtins.bool | None = None
+    pass_discard_other: builtins.bool | None = None
+    discard_no_unref: builtins.bool | None = None
+    overlap_check: Qcow2OverlapChecks | None = None
+    cache_size: builtins.int | None = None
+    l2_cache_size: builtins.int | None = None
+    l2_cache_entry_size: builtins.int | None = None
+    refcount_cache_size: builtins.int | None = None
+    cache_clean_interval: builtins.int | None = None
+    encrypt: BlockdevQcow2Encryption | None = None
+    data_file: BlockdevRef | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('node-name', 'node_name', 'str', True),
+        _base.MemberSpec('discard', 'discard', 'BlockdevDiscardOptions', True),
+        _base.MemberSpec('cache', 'cache', 'BlockdevCacheOptions', True),
+        _base.MemberSpec('active', 'active', 'bool', True),
+        _base.MemberSpec('read-only', 'read_only', 'bool', True),
+        _base.MemberSpec('auto-read-only', 'auto_read_only', 'bool', True),
+        _base.MemberSpec('force-share', 'force_share', 'bool', True),
+        _base.MemberSpec('detect-zeroes', 'detect_zeroes', 'BlockdevDetectZeroesOptions', True),
+        _base.MemberSpec('file', 'file', 'BlockdevRef', False),
+        _base.MemberSpec('backing', 'backing', 'BlockdevRefOrNull', True),
+        _base.MemberSpec('lazy-refcounts', 'lazy_refcounts', 'bool', True),
+        _base.MemberSpec('pass-discard-request', 'pass_discard_request', 'bool', True),
+        _base.MemberSpec('pass-discard-snapshot', 'pass_discard_snapshot', 'bool', True),
+        _base.MemberSpec('pass-discard-other', 'pass_discard_other', 'bool', True),
+        _base.MemberSpec('discard-no-unref', 'discard_no_unref', 'bool', True),
+        _base.MemberSpec('overlap-check', 'overlap_check', 'Qcow2OverlapChecks', True),
+        _base.MemberSpec('cache-size', 'cache_size', 'int', True),
+        _base.MemberSpec('l2-cache-size', 'l2_cache_size', 'int', True),
+        _base.MemberSpec('l2-cache-entry-size', 'l2_cache_entry_size', 'int', True),
+        _base.MemberSpec('refcount-cache-size', 'refcount_cache_size', 'int', True),
+        _base.MemberSpec('cache-clean-interval', 'cache_clean_interval', 'int', True),
+        _base.MemberSpec('encrypt', 'encrypt', 'BlockdevQcow2Encryption', True),
+        _base.MemberSpec('data-file', 'data_file', 'BlockdevRef', True),
     )
 
 
@@ -2570,12 +2850,14 @@ class NbdServerStartArgs(NbdServerOptionsLegacy):
 BlockDirtyBitmapOrStr: typing.TypeAlias = typing.Union[builtins.str, BlockDirtyBitmap]
 BlockdevRef: typing.TypeAlias = typing.Union[BlockdevOptions, builtins.str]
 BlockdevRefOrNull: typing.TypeAlias = typing.Union[BlockdevOptions, builtins.str, None]
+Qcow2OverlapChecks: typing.TypeAlias = typing.Union[Qcow2OverlapCheckFlags, Qcow2OverlapCheckMode]
 StrOrNull: typing.TypeAlias = typing.Union[builtins.str, None]
 BlockExportIothreads: typing.TypeAlias = typing.Union[builtins.str, list[builtins.str]]
 
 
-ImageInfoSpecific.__qapi_variants__ = {'file': ImageInfoSpecificVariantFile}
-BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'raw': BlockdevOptionsVariantRaw, 'throttle': BlockdevOptionsVariantThrottle}
+ImageInfoSpecific.__qapi_variants__ = {'qcow2': ImageInfoSpecificVariantQcow2, 'file': ImageInfoSpecificVariantFile}
+BlockdevQcow2Encryption.__qapi_variants__ = {'aes': BlockdevQcow2EncryptionVariantAes, 'luks': BlockdevQcow2EncryptionVariantLuks}
+BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'throttle': BlockdevOptionsVariantThrottle}
 SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet, 'unix': SocketAddressLegacyVariantUnix, 'vsock': SocketAddressLegacyVariantVsock, 'fd': SocketAddressLegacyVariantFd}
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'vhost-user-blk': BlockExportOptionsVariantVhostUserBlk, 'fuse': BlockExportOptionsVariantFuse}
@@ -2594,6 +2876,11 @@ TYPES: dict[str, type] = {
     'AuthZSimpleProperties': AuthZSimpleProperties,
     'BlockDirtyBitmap': BlockDirtyBitmap,
     'ImageInfoSpecificFile': ImageInfoSpecificFile,
+    'Qcow2CompressionType': Qcow2CompressionType,
+    'Qcow2BitmapInfoFlags': Qcow2BitmapInfoFlags,
+    'Qcow2BitmapInfo': Qcow2BitmapInfo,
+    'ImageInfoSpecificQCow2': ImageInfoSpecificQCow2,
+    'ImageInfoSpecificQCow2Wrapper': ImageInfoSpecificQCow2Wrapper,
     'ImageInfoSpecificKind': ImageInfoSpecificKind,
     'ImageInfoSpecificFileWrapper': ImageInfoSpecificFileWrapper,
     'ImageInfoSpecific': ImageInfoSpecific,
@@ -2623,6 +2910,14 @@ TYPES: dict[str, type] = {
     'BlockdevOptionsNull': BlockdevOptionsNull,
     'BlockdevOptionsThrottle': BlockdevOptionsThrottle,
     'BlockdevOptionsGenericFormat': BlockdevOptionsGenericFormat,
+    'BlockdevOptionsGenericCOWFormat': BlockdevOptionsGenericCOWFormat,
+    'Qcow2OverlapCheckMode': Qcow2OverlapCheckMode,
+    'Qcow2OverlapCheckFlags': Qcow2OverlapCheckFlags,
+    'BlockdevQcow2EncryptionFormat': BlockdevQcow2EncryptionFormat,
+    'QCryptoBlockOptionsQCow': QCryptoBlockOptionsQCow,
+    'QCryptoBlockOptionsLUKS': QCryptoBlockOptionsLUKS,
+    'BlockdevQcow2Encryption': BlockdevQcow2Encryption,
+    'BlockdevOptionsQcow2': BlockdevOptionsQcow2,
     'BlockdevOptionsRaw': BlockdevOptionsRaw,
     'BlockdevOptions': BlockdevOptions,
     'BlockdevDelArgs': BlockdevDelArgs,
@@ -2726,6 +3021,7 @@ ALTERNATES: dict[str, tuple[tuple[str, str], ...]] = {
     'BlockDirtyBitmapOrStr': (('local', 'str'), ('external', 'BlockDirtyBitmap'), ),
     'BlockdevRef': (('definition', 'BlockdevOptions'), ('reference', 'str'), ),
     'BlockdevRefOrNull': (('definition', 'BlockdevOptions'), ('reference', 'str'), ('null', 'null'), ),
+    'Qcow2OverlapChecks': (('flags', 'Qcow2OverlapCheckFlags'), ('mode', 'Qcow2OverlapCheckMode'), ),
     'StrOrNull': (('s', 'str'), ('n', 'null'), ),
     'BlockExportIothreads': (('single', 'str'), ('multi', '[str]'), ),
 }
