@@ -410,8 +410,9 @@ async def test_backing_chain_in_queries(graph: BlockGraph, workdir: Path) -> Non
     assert node is not None
     blk = BlockBackend(graph, node, perm=PERM_CONSISTENT_READ, shared=PERM_ALL)
     assert await blk.read(0, 4096) == base.read_bytes()[:4096]
-    flags, _ = await blk.block_status(0, 1 << 20)
-    assert not flags & BLOCK_DATA     # unallocated in top: the data is in the backing file
+    # Unallocated in top: the chain's status is the backing file's, at depth 2.
+    flags, _, depth = await blk.block_status_depth(0, 1 << 20)
+    assert flags & BLOCK_DATA and depth == 2
 
 
 async def test_before_write_hook(graph: BlockGraph, workdir: Path) -> None:

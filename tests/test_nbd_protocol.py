@@ -108,6 +108,10 @@ class MemBackend:
         flags = (BLOCK_DATA | BLOCK_ALLOCATED) if alloc else BLOCK_ZERO
         return flags, end - offset
 
+    async def block_status_depth(self, offset: int, length: int) -> tuple[int, int, int]:
+        flags, count = await self.block_status(offset, length)
+        return flags, count, 1 if flags & BLOCK_ALLOCATED else 0
+
 
 class Harness:
     """A server thread with its own loop, standing in for the daemon's main context."""

@@ -284,15 +284,22 @@ class BlockBackend:
             next(self._done)
 
     async def block_status(self, offset: int, length: int) -> tuple[int, int]:
-        """(BLOCK_* flags, bytes they hold for); see io.block_status for the mapping."""
+        """(BLOCK_* flags, bytes they hold for) of the whole backing chain; see
+        io.block_status_above."""
+        flags, count, _ = await self.block_status_depth(offset, length)
+        return flags, count
+
+    async def block_status_depth(self, offset: int, length: int) -> tuple[int, int, int]:
+        """(BLOCK_* flags, bytes, depth of the allocating layer: 1 for the node itself,
+        0 where no layer allocates the range)."""
         next(self._started)
         try:
             if self._quiesced:
                 await self._wait_while_drained()
             if self.root is None:
                 _no_medium()
-            status = await io.block_status(self.root, offset, length)
-            return status.flags, status.length
+            status, depth = await io.block_status_above(self.root, offset, length)
+            return status.flags, status.length, depth
         finally:
             next(self._done)
 

@@ -389,6 +389,40 @@ async def block_status(child: Child, offset: int, length: int,
     return await node_block_status(child.node, want_zero, offset, length)
 
 
+async def block_status_above(child: Child, offset: int, length: int,
+                             want_zero: bool = True) -> tuple[BlockStatus, int]:
+    """The status of the whole chain below ``child`` (QEMU's
+    bdrv_co_common_block_status_above with no base): where the top layer does not
+    allocate a range, the filtered or backing node below answers for it.  Returns the
+    status and the depth of the layer that allocates it (1 for the top; 0 if none)."""
+    node = child.node
+    status = await node_block_status(node, want_zero, offset, length)
+    depth = 1
+    if not status.length or status.flags & BLOCK_ALLOCATED:
+        return status, depth if status.flags & BLOCK_ALLOCATED else 0
+    eof = offset + status.length if status.flags & BLOCK_EOF else -1
+    length = status.length
+    below = node.filter_or_cow_child()
+    while below is not None:
+        layer = below.node
+        status = await node_block_status(layer, want_zero, offset, length)
+        depth += 1
+        if not status.length:
+            # Past the end of a shorter layer: zeroes, as if allocated there.
+            status = BlockStatus(BLOCK_ZERO | BLOCK_ALLOCATED, length, 0, layer)
+            break
+        if status.flags & BLOCK_ALLOCATED:
+            status = status._replace(flags=status.flags & ~BLOCK_EOF)
+            break
+        length = status.length
+        below = layer.filter_or_cow_child()
+    if not status.flags & BLOCK_ALLOCATED:
+        depth = 0
+    if offset + status.length == eof:
+        status = status._replace(flags=status.flags | BLOCK_EOF)
+    return status, depth
+
+
 async def node_block_status(node: BlockNode, want_zero: bool, offset: int,
                             length: int) -> BlockStatus:
     """QEMU's bdrv_co_do_block_status() for one node and what it maps onto."""

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from qsd.block.node import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO
+from qsd.block.node import BLOCK_DATA, BLOCK_ZERO
 from qsd.errors import error_report
 from qsd.nbd.protocol import (
     COMPACT_REQUEST,
@@ -592,7 +592,7 @@ class NbdClient(SocketCarrier):
         wide = self.extended
         extents: list[list[int]] = []
         while length:
-            status, num = await self.blk.block_status(offset, length)
+            status, num, depth = await self.blk.block_status_depth(offset, length)
             num = min(num, length)
             if num <= 0:
                 raise _Disconnect("block status made no progress")
@@ -600,7 +600,7 @@ class NbdClient(SocketCarrier):
                 flags = (0 if status & BLOCK_DATA else NBD_STATE_HOLE) | (
                     NBD_STATE_ZERO if status & BLOCK_ZERO else 0)
             else:
-                flags = 1 if status & BLOCK_ALLOCATED else 0
+                flags = depth
             if extents and extents[-1][1] == flags and (
                     wide or extents[-1][0] + num <= 0xFFFFFFFF):
                 extents[-1][0] += num

@@ -106,7 +106,7 @@ def _libzstd() -> Any:
 def _zstd_ctypes(data: bytes, size: int) -> bytes:
     """QEMU's qcow2_zstd_decompress(): stream until the output is full."""
     lib = _libzstd()
-    src = ctypes.create_string_buffer(data, len(data))
+    src = ctypes.create_string_buffer(bytes(data), len(data))
     dst = ctypes.create_string_buffer(size)
     inp = _Buffer(ctypes.cast(src, ctypes.c_void_p), len(data), 0)
     out = _Buffer(ctypes.cast(dst, ctypes.c_void_p), size, 0)

@@ -349,10 +349,8 @@ class Qcow2Node(BlockNode):
         elif has_data_file:
             if not self.image_data_file:
                 raise QMPError("'data-file' is required for this image")
-            name = self.image_data_file
-            if not os.path.isabs(name):
-                name = os.path.join(self.dirname(), name)
-            ref = {"driver": "file", "filename": name}
+            # QEMU opens the name as it is: a relative one from the daemon's directory.
+            ref = {"driver": "file", "filename": self.image_data_file}
             self.data_child = await children.open_child(self, ref, "data-file",
                                                         ChildRole.DATA)
         if has_data_file:
@@ -531,6 +529,12 @@ class Qcow2Node(BlockNode):
                 name = OL_NAMES[kind.bit_length() - 1]
                 raise self.corruption(f"Preventing invalid write on metadata (overlaps with "
                                       f"{name})", offset, length)
+
+    def check_data_overlap(self, offset: int, length: int) -> None:
+        """Guest data in the image file must not land on metadata; an external data
+        file holds no metadata."""
+        if self.data_child is self.file:
+            self.check_overlap(offset, length, 0)
 
     def corruption(self, message: str, offset: int = -1, size: int = -1,
                    fatal: bool = True) -> OSError:
@@ -889,7 +893,7 @@ class Qcow2Node(BlockNode):
         if target is None:
             return False
         rt = self.opts_rt
-        if rt is not None and rt.overlap_check:
+        if rt is not None and rt.overlap_check and self.data_child is self.file:
             bits = geo.cluster_bits
             meta = self.meta
             for cluster in range(host >> bits, ((host + length - 1) >> bits) + 1):
@@ -914,7 +918,7 @@ class Qcow2Node(BlockNode):
             kind, host, nbytes, entry = self._map_in(cast("array[int]", table), offset,
                                                      len(data))
             if kind == l2.NORMAL and entry & fmt.OFLAG_COPIED:
-                self.check_overlap(host, nbytes, 0)
+                self.check_data_overlap(host, nbytes)
                 target = self.data_child
                 assert target is not None
                 await io.write(target, host, data[:nbytes], fua)
@@ -1028,7 +1032,7 @@ class Qcow2Node(BlockNode):
             piece.new_entry = new_entry
         if not inplace and not external and (old_host or compressed):
             piece.free_entry = entry
-        self.check_overlap(piece.host + piece.lo, piece.hi - piece.lo, 0)
+        self.check_data_overlap(piece.host + piece.lo, piece.hi - piece.lo)
         return piece
 
     async def _write_pieces(self, pieces: list[_Piece], offset: int, data: memoryview,

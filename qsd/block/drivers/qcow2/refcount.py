@@ -212,11 +212,24 @@ class Refcounts:
         return cluster
 
     async def allocate(self, count: int) -> int:
-        """Allocates ``count`` contiguous clusters; returns the offset of the first."""
-        cluster = await self._find_free(count)
+        """Allocates ``count`` contiguous clusters; returns the offset of the first.
+
+        The refcount blocks for the run are made first; a new block may take a cluster
+        of the run itself, and then the search starts again (QEMU retries on EAGAIN).
+        """
+        while True:
+            cluster = await self._find_free(count)
+            made = False
+            for index in range(cluster >> self.block_bits,
+                               ((cluster + count - 1) >> self.block_bits) + 1):
+                if await self._block(index) is None:
+                    await self._new_block(index << self.block_bits)
+                    made = True
+            if not made:
+                break
         await self.update(cluster << self.cluster_bits, count << self.cluster_bits, 1)
-        if self.free_cluster_index == cluster:
-            self.free_cluster_index = cluster + count
+        # The search passed over used clusters only (QEMU's alloc_clusters_noref).
+        self.free_cluster_index = max(self.free_cluster_index, cluster + count)
         return cluster << self.cluster_bits
 
     async def allocate_bytes(self, size: int) -> int:
@@ -246,8 +259,7 @@ class Refcounts:
             if self.table[table_index]:
                 return await self._block(table_index) or block
         offset = new << self.cluster_bits
-        if self.free_cluster_index == new:
-            self.free_cluster_index = new + 1
+        self.free_cluster_index = max(self.free_cluster_index, new + 1)
         self.image.set_meta(offset, 1, OL_REFCOUNT_BLOCK)
         await self.caches.evict_for(self.cache)
         entry = self.cache.insert(offset, block)
