@@ -12,6 +12,7 @@ clusters and the last sector of the disk.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 from pathlib import Path
 
@@ -138,12 +139,13 @@ def pattern(cluster_size: int, size: int, compressed: bool) -> list[str]:
     return cmds
 
 
-def qemu_io(image: Path, fmt: str, cmds: list[str]) -> None:
-    """Runs in the image's directory: QEMU opens relative data file names from there."""
+def qemu_io(image: Path, fmt: str, cmds: list[str], cwd: Path | None = None) -> None:
+    """Runs in ``cwd`` (default: the image's directory): QEMU opens relative data file
+    names from the working directory."""
     args = ["qemu-io", "-f", fmt]
     for cmd in cmds:
         args += ["-c", cmd]
-    run(*args, str(image), cwd=image.parent)
+    run(*args, str(image), cwd=cwd or image.parent)
 
 
 def _base(directory: Path, name: str, fmt: str, size: int) -> Path:
@@ -154,8 +156,11 @@ def _base(directory: Path, name: str, fmt: str, size: int) -> Path:
     return path
 
 
-def build(recipe: Recipe, directory: Path) -> Path:
-    """Makes the image of ``recipe`` in ``directory``; returns its path."""
+def build(recipe: Recipe, directory: Path, cwd: Path | None = None) -> Path:
+    """Makes the image of ``recipe`` in ``directory``; returns its path.  A data file
+    is named relative to ``cwd`` (default: ``directory``), where QEMU, and whoever
+    opens the image later, looks for it."""
+    cwd = cwd or directory
     image = directory / f"{recipe.name}.qcow2"
     size = recipe.size
     if recipe.converted:
@@ -179,20 +184,21 @@ def build(recipe: Recipe, directory: Path) -> Path:
             base_fmt = recipe.backing
         create += ["-b", base.name, "-F", base_fmt]
     if recipe.data_file:
-        create[-1] += f",data_file={recipe.name}.data"
-    run(*create, str(image), str(size), cwd=directory)
+        create[-1] += f",data_file={os.path.relpath(directory / recipe.name, cwd)}.data"
+    run(*create, str(image), str(size), cwd=cwd)
     if recipe.backing and not recipe.backing_fmt_in_header:
         drop_backing_format(image)
     cmds = pattern(recipe.cluster_size, size, bool(recipe.compression))
     if recipe.snapshot:
-        qemu_io(image, "qcow2", cmds[:3])
-        run("qemu-img", "snapshot", "-c", "snap1", str(image), cwd=directory)
+        qemu_io(image, "qcow2", cmds[:3], cwd)
+        run("qemu-img", "snapshot", "-c", "snap1", str(image), cwd=cwd)
         cmds = cmds[3:] + [f"write -P 0x66 {recipe.cluster_size // 2} 512"]
-    qemu_io(image, "qcow2", cmds)
+    qemu_io(image, "qcow2", cmds, cwd)
     return image
 
 
-def reference(image: Path, out: Path) -> bytes:
+def reference(image: Path, out: Path, cwd: Path | None = None) -> bytes:
     """What the image reads as, according to qemu-img."""
-    run("qemu-img", "convert", "-U", "-O", "raw", str(image), str(out), cwd=image.parent)
+    run("qemu-img", "convert", "-U", "-O", "raw", str(image), str(out),
+        cwd=cwd or image.parent)
     return out.read_bytes()

@@ -1,10 +1,10 @@
 """qcow2 images of every option combination read back through qsd's exports.
 
-Each image is made by qemu-img/qemu-io (tests/qcow2_images.py); qsd opens it with the
-qcow2 driver (backing files and data files from the header) and exports it over NBD and
-FUSE at once; both must read byte for byte what ``qemu-img convert -O raw`` makes of the
-image, and ``qemu-img map`` through the NBD export must agree with ``qemu-img map`` on
-the image about what is data and what is zero.
+Each image is made by qemu-img/qemu-io (tests/qcow2_images.py); one qsd opens them all
+with the qcow2 driver (backing files and data files from the headers) and exports each
+over NBD and FUSE at once; both must read byte for byte what ``qemu-img convert -O raw``
+makes of the image, and ``qemu-img map`` through the NBD export must agree with
+``qemu-img map`` on the image about what is data and what is zero.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Qsd, fuse_mounts, wait_for_listener
+from tests.harness import Monitor, Qsd, fuse_mounts
 from tests.qcow2_images import RECIPES, Recipe, build, reference
 
 pytestmark = pytest.mark.skipif(
@@ -28,22 +27,58 @@ pytestmark = pytest.mark.skipif(
     reason="FUSE exports need root and /dev/fuse")
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="qsd-qcow2-"))
-    yield path
-    for mount in fuse_mounts():
-        if mount.startswith(f"{path}/"):
-            subprocess.run(["umount", "-l", mount], check=False)
-    shutil.rmtree(path, ignore_errors=True)
+class Served:
+    """One qsd serving every image; per image its expected bytes or the open error."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sock = root / "nbd.sock"
+        self.expected: dict[str, bytes] = {}
+        self.errors: dict[str, str] = {}
+        self.daemon: Qsd | None = None
+
+    def serve(self) -> None:
+        # In the images' directory: relative data file names are opened from there.
+        self.daemon = Qsd(self.root, ["--nbd-server",
+                                      f"addr.type=unix,addr.path={self.sock}"])
+        mon = Monitor(self.daemon)
+        for recipe in RECIPES:
+            directory = self.root / recipe.name
+            image = directory / f"{recipe.name}.qcow2"
+            mountpoint = directory / "mnt"
+            mountpoint.touch()
+            reply = mon.cmd("blockdev-add", driver="qcow2", **{"node-name": recipe.name},
+                            **{"read-only": True},
+                            file={"driver": "file", "filename": str(image)})
+            if "error" in reply:
+                self.errors[recipe.name] = reply["error"]["desc"]
+                continue
+            mon.ok("block-export-add", type="nbd", id=f"n-{recipe.name}",
+                   **{"node-name": recipe.name})
+            mon.ok("block-export-add", type="fuse", id=f"f-{recipe.name}",
+                   **{"node-name": recipe.name}, mountpoint=str(mountpoint))
+        mon.raw.close()
 
 
-def wait_for_mount(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while str(path) not in fuse_mounts():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-        assert time.monotonic() < deadline, f"{path} was not mounted"
-        time.sleep(0.01)
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    root = Path(tempfile.mkdtemp(prefix="qsd-qcow2-"))
+    state = Served(root)
+    try:
+        for recipe in RECIPES:
+            directory = root / recipe.name
+            directory.mkdir()
+            image = build(recipe, directory, root)
+            state.expected[recipe.name] = reference(image, directory / "expected.raw", root)
+        state.serve()
+        yield state
+    finally:
+        if state.daemon is not None:
+            assert state.daemon.stop() == 0, state.daemon.stderr.decode()
+        for mount in fuse_mounts():
+            if mount.startswith(f"{root}/"):
+                subprocess.run(["umount", "-l", mount], check=False)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _map(target: str, cwd: Path, *fmt: str) -> list[tuple[int, int, bool, bool]]:
@@ -63,34 +98,15 @@ def _map(target: str, cwd: Path, *fmt: str) -> list[tuple[int, int, bool, bool]]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
-def test_image_reads_back(recipe: Recipe, workdir: Path) -> None:
-    image = build(recipe, workdir)
-    expected = reference(image, workdir / "expected.raw")
-    mountpoint = workdir / "mnt"
-    mountpoint.touch()
-    sock = workdir / "nbd.sock"
-    # In the images' directory: relative data file names are opened from there.
-    daemon = Qsd(workdir, [
-        "--blockdev", f"driver=qcow2,node-name=disk,read-only=on,file.driver=file,"
-                      f"file.filename={image}",
-        "--nbd-server", f"addr.type=unix,addr.path={sock}",
-        "--export", "type=nbd,id=nbd0,node-name=disk",
-        "--export", f"type=fuse,id=fuse0,node-name=disk,mountpoint={mountpoint}"],
-        monitor=False)
-    try:
-        _check_exports(daemon, image, mountpoint, sock, expected, workdir)
-    finally:
-        assert daemon.stop() == 0
-
-
-def _check_exports(daemon: Qsd, image: Path, mountpoint: Path, sock: Path, expected: bytes,
-                   workdir: Path) -> None:
-    wait_for_listener(sock, daemon.proc)
-    wait_for_mount(mountpoint, daemon.proc)
-    uri = f"nbd+unix:///disk?socket={sock}"
-    nbd_raw = workdir / "nbd.raw"
+def test_image_reads_back(recipe: Recipe, served: Served) -> None:
+    assert recipe.name not in served.errors, served.errors[recipe.name]
+    directory = served.root / recipe.name
+    expected = served.expected[recipe.name]
+    uri = f"nbd+unix:///{recipe.name}?socket={served.sock}"
+    nbd_raw = directory / "nbd.raw"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(nbd_raw)],
                    check=True, timeout=120)
     assert nbd_raw.read_bytes() == expected
-    assert mountpoint.read_bytes() == expected
-    assert _map(uri, workdir, "-f", "raw") == _map(str(image), workdir, "-f", "qcow2")
+    assert (directory / "mnt").read_bytes() == expected
+    image = directory / f"{recipe.name}.qcow2"
+    assert _map(uri, served.root, "-f", "raw") == _map(str(image), served.root, "-f", "qcow2")
