@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qsd.block import events as block_events
 from qsd.block.graph import BlockGraph
 from qsd.chardev.registry import Chardevs
 from qsd.export.registry import ExportRegistry
 from qsd.iothread import IOThread
-from qsd.qmp.monitor import Monitor, event_message
+from qsd.qmp.encode import event_message
 from qsd.qom.model import Container
+
+if TYPE_CHECKING:
+    from qsd.nbd.server import NbdServer
 
 log = logging.getLogger(__name__)
 # How long shutdown lets commands that are still running finish before it takes their
 # objects down anyway (a signal must end the daemon within seconds, whatever runs).
 COMMAND_GRACE_SECONDS = 2.0
+
+
+class EventSink(Protocol):
+    """A QMP monitor as the daemon sees it: somewhere events go."""
+
+    def emit(self, message: object) -> None: ...
 
 
 class Daemon:
@@ -36,8 +45,8 @@ class Daemon:
                                 ("backend", Container()), ("audiodevs", Container())):
             self.qom_root.add_child(name, container)
         self.chardevs = Chardevs()
-        self.monitors: list[Monitor] = []
-        self.nbd_server: Any = None
+        self.monitors: list[EventSink] = []
+        self.nbd_server: NbdServer | None = None
         self._shutdown_requested = asyncio.Event()
         self._shutdown_announced = False
         # QMP commands being executed: shutdown lets them finish first, so that an export

@@ -1,13 +1,32 @@
-"""The driver-independent part of a block export."""
+"""The driver-independent part of a block export, and what it needs from the daemon."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from qsd.aio import AioContext
     from qsd.block.backend import BlockBackend
-    from qsd.daemon import Daemon
+    from qsd.block.graph import BlockGraph
+    from qsd.iothread import IOThread
+    from qsd.nbd.server import NbdServer
+
+
+class ExportHost(Protocol):
+    """The daemon as exports see it (``qsd.daemon.Daemon`` is one): exports sit below the
+    daemon, which holds them, so they know it only by this description."""
+
+    @property
+    def graph(self) -> BlockGraph: ...
+
+    @property
+    def iothreads(self) -> Mapping[str, IOThread]: ...
+
+    @property
+    def nbd_server(self) -> NbdServer | None: ...
+
+    def emit_event(self, name: str, data: dict[str, object] | None = None) -> None: ...
 
 
 class BlockExport:
@@ -20,7 +39,7 @@ class BlockExport:
     type: ClassVar[str]
     supports_multithread: ClassVar[bool] = False
 
-    def __init__(self, daemon: Daemon, export_id: str, node_name: str, blk: BlockBackend,
+    def __init__(self, daemon: ExportHost, export_id: str, node_name: str, blk: BlockBackend,
                  contexts: list[AioContext]) -> None:
         self.daemon = daemon
         self.id = export_id
@@ -35,7 +54,7 @@ class BlockExport:
         return 0
 
     @classmethod
-    async def create(cls, daemon: Daemon, opts: Any, blk: BlockBackend,
+    async def create(cls, daemon: ExportHost, opts: Any, blk: BlockBackend,
                      contexts: list[AioContext]) -> BlockExport:
         """Starts serving; on failure everything acquired so far is released."""
         raise NotImplementedError

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from qsd.block.permissions import PERM_RESIZE
 from qsd.errors import QMPError
-from qsd.export.base import BlockExport
+from qsd.export.base import BlockExport, ExportHost
 from qsd.nbd.protocol import (
     BDRV_SECTOR_SIZE,
     NBD_FLAG_CAN_MULTI_CONN,
@@ -29,7 +29,6 @@ from qsd.nbd.server import NbdServer, ServedExport
 if TYPE_CHECKING:
     from qsd.aio import AioContext
     from qsd.block.backend import BlockBackend
-    from qsd.daemon import Daemon
 
 
 def _missing_bitmap(item: Any) -> QMPError:
@@ -43,14 +42,14 @@ class NbdExport(BlockExport):
     type: ClassVar[str] = "nbd"
     supports_multithread: ClassVar[bool] = False
 
-    def __init__(self, daemon: Daemon, export_id: str, node_name: str, blk: BlockBackend,
+    def __init__(self, daemon: ExportHost, export_id: str, node_name: str, blk: BlockBackend,
                  contexts: list[AioContext], server: NbdServer, served: ServedExport) -> None:
         super().__init__(daemon, export_id, node_name, blk, contexts)
         self.server = server
         self.served = served
 
     @classmethod
-    async def create(cls, daemon: Daemon, opts: Any, blk: BlockBackend,
+    async def create(cls, daemon: ExportHost, opts: Any, blk: BlockBackend,
                      contexts: list[AioContext]) -> BlockExport:
         server = daemon.nbd_server
         if not isinstance(server, NbdServer):

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qsd.aio import AioContext
 from qsd.block import drain
 from qsd.block.backend import BlockBackend
 from qsd.block.permissions import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
 from qsd.errors import QMPError
-from qsd.export.base import BlockExport
+from qsd.export.base import BlockExport, ExportHost
 from qsd.ids import id_wellformed
-
-if TYPE_CHECKING:
-    from qsd.daemon import Daemon
-
-
 
 # Export types by QAPI name: (module, class). Each is imported when first used, so an
 # unused driver costs nothing at start-up.
@@ -37,7 +32,7 @@ def export_driver(type_name: str) -> type[BlockExport] | None:
 
 
 class ExportRegistry:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: ExportHost) -> None:
         self.daemon = daemon
         # Newest first, as QEMU's list (query-block-exports shows that order).
         self.exports: list[BlockExport] = []

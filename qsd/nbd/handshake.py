@@ -12,7 +12,7 @@ import os
 import socket
 import struct
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from qsd.crypto.engine import TlsFailure
 from qsd.nbd.protocol import (
@@ -61,8 +61,29 @@ from qsd.nbd.protocol import (
 
 if TYPE_CHECKING:
     from qsd.crypto.tlscreds import TlsCreds
-    from qsd.nbd.server import ServedExport
     from qsd.nbd.tls import TlsChannel
+
+
+class AdvertisedExport(Protocol):
+    """What the option phase tells clients about an export (``server.ServedExport``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str | None: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def nbdflags(self) -> int: ...
+
+    @property
+    def allocation_depth(self) -> bool: ...
+
+
+E = TypeVar("E", bound=AdvertisedExport)
 
 
 class NegotiationError(Exception):
@@ -83,10 +104,10 @@ class TlsPolicy:
         self.objects = objects
 
 
-class Negotiated:
+class Negotiated(Generic[E]):
     """What the transmission phase needs from a successful handshake."""
 
-    def __init__(self, export: ServedExport, mode: int, contexts: MetaContexts,
+    def __init__(self, export: E, mode: int, contexts: MetaContexts,
                  check_align: int, channel: TlsChannel | None = None) -> None:
         self.export = export
         self.mode = mode
@@ -99,10 +120,10 @@ def _sanitize(name: str) -> str:
     return name if len(name) < 80 else name[:80] + "..."
 
 
-class Negotiation:
+class Negotiation(Generic[E]):
     """One client's option phase; ``run()`` returns None for NBD_OPT_ABORT or a probe."""
 
-    def __init__(self, sock: socket.socket, exports: Mapping[str, ServedExport],
+    def __init__(self, sock: socket.socket, exports: Mapping[str, E],
                  tls: TlsPolicy | None = None) -> None:
         self.sock = sock
         self.exports = exports
@@ -194,7 +215,7 @@ class Negotiation:
 
     # -- the option loop -----------------------------------------------------------
 
-    async def run(self) -> Negotiated | None:
+    async def run(self) -> Negotiated[E] | None:
         greeting = struct.pack(">QQH", NBD_INIT_MAGIC, NBD_OPTS_MAGIC,
                                NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)
         try:
@@ -272,7 +293,7 @@ class Negotiation:
                 raise
         return option == NBD_OPT_ABORT
 
-    async def _option(self, option: int, length: int) -> Negotiated | None:
+    async def _option(self, option: int, length: int) -> Negotiated[E] | None:
         if option == NBD_OPT_LIST:
             if length:
                 await self._reject_length()
@@ -317,11 +338,11 @@ class Negotiation:
                                  f"Unsupported option {option} ({opt_name(option)})")
         return None
 
-    def _check_meta_export(self, exp: ServedExport) -> None:
+    def _check_meta_export(self, exp: E) -> None:
         if self.contexts.export is not exp:
             self.contexts.count = 0
 
-    def _flags(self, exp: ServedExport, payload_ok: bool) -> int:
+    def _flags(self, exp: E, payload_ok: bool) -> int:
         flags = exp.nbdflags
         if self.mode >= Mode.STRUCTURED:
             flags |= NBD_FLAG_SEND_DF
@@ -329,7 +350,7 @@ class Negotiation:
             flags |= NBD_FLAG_BLOCK_STAT_PAYLOAD
         return flags
 
-    async def _export_name(self, no_zeroes: bool) -> Negotiated:
+    async def _export_name(self, no_zeroes: bool) -> Negotiated[E]:
         if self.mode >= Mode.EXTENDED:
             raise NegotiationError("Extended headers already negotiated")
         if self.optlen > NBD_MAX_STRING_SIZE:
@@ -350,7 +371,7 @@ class Negotiation:
     async def _send_info(self, info: int, payload: bytes) -> None:
         await self._send_rep(NBD_REP_INFO, struct.pack(">H", info) + payload)
 
-    async def _info(self) -> Negotiated | None:
+    async def _info(self) -> Negotiated[E] | None:
         raw_name = await self._opt_read_name()
         (requests,) = struct.unpack(">H", await self._opt_read(2))
         send_name = block_size = False
@@ -422,7 +443,7 @@ class Negotiation:
         await self._send_rep(NBD_REP_META_CONTEXT,
                              struct.pack(">I", 0 if listing else context_id) + name.encode())
 
-    async def _meta_query(self, meta: MetaContexts, exp: ServedExport, listing: bool) -> None:
+    async def _meta_query(self, meta: MetaContexts, exp: E, listing: bool) -> None:
         (length,) = struct.unpack(">I", await self._opt_read(4))
         if length > NBD_MAX_STRING_SIZE:
             if length > self.optlen:

@@ -98,7 +98,8 @@ class ServedExport:
         with self._lock:
             return self._pending
 
-    async def attach(self, ctx: AioContext, sock: socket.socket, negotiated: Negotiated,
+    async def attach(self, ctx: AioContext, sock: socket.socket,
+                     negotiated: Negotiated[ServedExport],
                      on_finished: Callable[[NbdClient], None]) -> None:
         """Runs in ``ctx``, the export's context: starts serving a negotiated client."""
         loop = asyncio.get_running_loop()
@@ -190,7 +191,7 @@ class NbdServer:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        negotiated: Negotiated | None = None
+        negotiated: Negotiated[ServedExport] | None = None
         attaching = False
         timer = None
         if self.handshake_max_seconds:

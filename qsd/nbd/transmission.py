@@ -19,7 +19,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from qsd.block.node import BLOCK_DATA, BLOCK_ZERO
 from qsd.errors import error_report
@@ -72,11 +72,24 @@ from qsd.nbd.protocol import (
 
 if TYPE_CHECKING:
     from qsd.aio import AioContext
-    from qsd.nbd.server import ServedExport
+    from qsd.block.backend import BlockBackend
 
 _EINVAL = 22
 _EXTENT32 = struct.Struct(">II")
 _EXTENT64 = struct.Struct(">QQ")
+
+
+class ClientExport(Protocol):
+    """What a client's transmission phase reads from its export (``server.ServedExport``)."""
+
+    @property
+    def blk(self) -> BlockBackend: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def nbdflags(self) -> int: ...
 
 
 class _Request:
@@ -107,7 +120,7 @@ class NbdClient(SocketCarrier):
     decrypts for it; either hands over its socket transport with ``release_transport``.
     """
 
-    def __init__(self, export: ServedExport, ctx: AioContext, mode: int,
+    def __init__(self, export: ClientExport, ctx: AioContext, mode: int,
                  contexts: MetaContexts, on_finished: Callable[[NbdClient], None]) -> None:
         self.ctx = ctx
         self.carrier: SocketCarrier = self

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Iterable
 
 _BUCKETS = 512
@@ -65,3 +66,16 @@ def dumps(value: object, pretty: bool = False) -> str:
 def encode_message(value: object, pretty: bool = False) -> bytes:
     """A QMP message as the monitor puts it on the wire."""
     return (dumps(value, pretty) + "\n").replace("\n", "\r\n").encode()
+
+
+def event_message(name: str, data: dict[str, object] | None) -> dict[str, object]:
+    """A QMP event as QEMU builds it: the time it happened, its name, its data if any."""
+    now = time.time()
+    seconds = int(now)
+    message: dict[str, object] = {
+        "timestamp": {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)},
+        "event": name,
+    }
+    if data is not None:
+        message["data"] = data
+    return message

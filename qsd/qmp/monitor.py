@@ -8,7 +8,6 @@ writer, so a message is never interleaved with another.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING
 
 import qsd
@@ -129,15 +128,3 @@ class Monitor:
     def emit(self, message: object) -> None:
         if self.session is not None:
             self.session.emit(message)
-
-
-def event_message(name: str, data: dict[str, object] | None) -> dict[str, object]:
-    now = time.time()
-    seconds = int(now)
-    message: dict[str, object] = {
-        "timestamp": {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)},
-        "event": name,
-    }
-    if data is not None:
-        message["data"] = data
-    return message

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from qsd.errors import QMPError
-from qsd.export.base import BlockExport
+from qsd.export.base import BlockExport, ExportHost
 from qsd.export.fuse import mount as M
 from qsd.export.fuse.ops import FuseFile
 from qsd.export.fuse.queue import FuseQueue
@@ -28,7 +28,6 @@ from qsd.iothread import IOThread, iothread_of
 if TYPE_CHECKING:
     from qsd.aio import AioContext
     from qsd.block.backend import BlockBackend
-    from qsd.daemon import Daemon
 
 T = TypeVar("T")
 
@@ -90,7 +89,7 @@ class FuseExport(BlockExport):
     type = "fuse"
     supports_multithread = True
 
-    def __init__(self, daemon: Daemon, export_id: str, node_name: str, blk: BlockBackend,
+    def __init__(self, daemon: ExportHost, export_id: str, node_name: str, blk: BlockBackend,
                  contexts: list[AioContext], fuse_mount: M.FuseMount, file: FuseFile) -> None:
         super().__init__(daemon, export_id, node_name, blk, contexts)
         self.mount = fuse_mount
@@ -108,7 +107,7 @@ class FuseExport(BlockExport):
         return PERM_RESIZE if opts.writable or opts.growable else 0
 
     @classmethod
-    async def create(cls, daemon: Daemon, opts: Any, blk: BlockBackend,
+    async def create(cls, daemon: ExportHost, opts: Any, blk: BlockBackend,
                      contexts: list[AioContext]) -> FuseExport:
         mountpoint: str = opts.mountpoint
         if mountpoint in _mountpoints:
@@ -122,7 +121,7 @@ class FuseExport(BlockExport):
             raise
 
     @classmethod
-    async def _create(cls, daemon: Daemon, opts: Any, blk: BlockBackend,
+    async def _create(cls, daemon: ExportHost, opts: Any, blk: BlockBackend,
                       contexts: list[AioContext]) -> FuseExport:
         mountpoint: str = opts.mountpoint
         writable = bool(opts.writable)

@@ -19,7 +19,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from qsd.errors import QMPError
-from qsd.export.base import BlockExport
+from qsd.export.base import BlockExport, ExportHost
 from qsd.export.vhost_user_blk import protocol as P
 from qsd.export.vhost_user_blk.device import BlkDevice, Connection
 from qsd.export.vhost_user_blk.queue import Disk
@@ -34,7 +34,6 @@ from qsd.sockets import Listener
 if TYPE_CHECKING:
     from qsd.aio import AioContext
     from qsd.block.backend import BlockBackend
-    from qsd.daemon import Daemon
 
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 2 * 1024 * 1024
@@ -57,7 +56,7 @@ class VhostUserBlkExport(BlockExport):
     type = "vhost-user-blk"
     supports_multithread = True
 
-    def __init__(self, daemon: Daemon, export_id: str, node_name: str, blk: BlockBackend,
+    def __init__(self, daemon: ExportHost, export_id: str, node_name: str, blk: BlockBackend,
                  contexts: list[AioContext], device: BlkDevice, listener: Listener,
                  follow_aio_context: bool) -> None:
         super().__init__(daemon, export_id, node_name, blk, contexts)
@@ -69,7 +68,7 @@ class VhostUserBlkExport(BlockExport):
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def create(cls, daemon: Daemon, opts: Any, blk: BlockBackend,
+    async def create(cls, daemon: ExportHost, opts: Any, blk: BlockBackend,
                      contexts: list[AioContext]) -> VhostUserBlkExport:
         block_size = P.SECTOR_SIZE if opts.logical_block_size is None else opts.logical_block_size
         _check_block_size(block_size)
