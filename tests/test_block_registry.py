@@ -471,3 +471,21 @@ def lock_probe(img: Path) -> list[str]:
     res = subprocess.run(["qemu-img", "resize", "-f", "raw", str(img), "2M"],
                          capture_output=True, text=True)
     return [line for line in res.stderr.splitlines() if "lock" in line]
+
+
+async def test_replace_node_puts_a_filter_on_top(graph: BlockGraph, workdir: Path) -> None:
+    """The users of a node move to a filter above it in one step; the filter's own edge
+    to the node stays (how a filter or an overlay is put on top of a node in use)."""
+    img = image(workdir / "p.img", 1 << 20)
+    f0 = await add(graph, **{"driver": "file", "node-name": "f0", "filename": str(img)})
+    blk = BlockBackend(graph, f0, perm=RW, shared=PERM_ALL)
+    top = await add(graph, **{"driver": "raw", "node-name": "top", "file": "f0"})
+    graph.replace_node(f0, top)
+    assert blk.node is top and [c.name for c in f0.parents] == ["file"]
+    assert [c.describe() for c in top.parents] == ["an unnamed block device"]
+    assert top.file is not None and top.file.perm == RW      # passed through to f0
+    await blk.write(4096, b"t" * 4096)
+    assert img.read_bytes()[4096:8192] == b"t" * 4096
+    edges = query.x_debug_query_block_graph(graph)["edges"]
+    assert sorted((e["name"], e["perm"]) for e in edges) == [  # type: ignore[attr-defined]
+        ("file", ["write", "consistent-read"]), ("root", ["write", "consistent-read"])]

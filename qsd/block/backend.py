@@ -111,9 +111,6 @@ class BlockBackend:
         drained, so the owner can move its request sources before they resume."""
         self._aio_notifiers.append(notifier)
 
-    def remove_aio_context_notifier(self, notifier: AioContextNotifier) -> None:
-        self._aio_notifiers.remove(notifier)
-
     def set_writethrough(self, writethrough: bool) -> None:
         """Every write completes only once on stable storage (QEMU's writethrough mode)."""
         self.writethrough = writethrough
@@ -131,10 +128,11 @@ class BlockBackend:
         self._bind()
 
     def _bind(self) -> None:
-        """Binds the fast paths to the driver that answers them (see the module doc)."""
-        node = self.node
-        if node is None:
+        """Binds the fast paths to the driver that answers them (see the module doc);
+        again whenever something below changed, the root edge's node included."""
+        if self.root is None:
             return
+        node = self.node = self.root.node
         target = node
         hooks = bool(node.before_write)
         following = node.nowait_next()

@@ -14,8 +14,6 @@ import mmap
 INT64_MAX = 2**63 - 1
 INT_MAX = 2**31 - 1
 BDRV_SECTOR_SIZE = 512
-# The largest request the block layer passes on in one piece (QEMU's BDRV_REQUEST_MAX_BYTES).
-BDRV_REQUEST_MAX_BYTES = INT_MAX & ~(BDRV_SECTOR_SIZE - 1)
 # Image lengths stay below this, so that any aligned request size still fits in an int64
 # (QEMU's BDRV_MAX_LENGTH, INT64_MAX aligned down to BDRV_MAX_ALIGNMENT).
 BDRV_MAX_ALIGNMENT = 1 << 30

@@ -1,6 +1,7 @@
 """The block driver registry: every driver, by the name ``blockdev-add`` knows it by.
 
-A driver is one module in ``qsd/block/drivers/`` holding a BlockNode subclass that
+A driver is one module in ``qsd/block/drivers/`` (or a package there, whose
+``__init__`` imports the module that registers) holding a BlockNode subclass that
 declares itself::
 
     @register("null-co", "null-aio", options=BlockdevOptionsNull)
@@ -9,7 +10,9 @@ declares itself::
 The node class says everything else about the driver (class attributes, ``open``, the
 ``do_*`` primitives it supports, ``child_perm``, ``driver_limits``).  The modules of the
 package are imported on the first lookup, so adding a driver touches only its module and
-the QAPI schema; tests register drivers of their own the same way.
+the QAPI schema; tests register drivers of their own the same way.  A driver that opens
+children it defines itself (a backing file named in an image header) passes their
+options to ``children.open_child`` in wire form, as a dict.
 """
 
 from __future__ import annotations
@@ -50,11 +53,6 @@ def register(*names: str, options: type) -> Callable[[N], N]:
             _drivers[name] = BlockDriver(name, cls, options)
         return cls
     return apply
-
-
-def unregister(name: str) -> None:
-    """Forgets a driver (tests that registered one of their own)."""
-    _drivers.pop(name, None)
 
 
 def _load() -> None:

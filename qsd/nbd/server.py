@@ -88,11 +88,10 @@ class ServedExport:
             while self.pending():
                 await asyncio.sleep(0.001)
             for client in self.clients():
-                if client.ctx is ctx:
-                    continue
-                sock = await client.ctx.call(client.detach())
-                if sock is not None:
-                    await ctx.call(client.adopt(ctx, sock))
+                if client.ctx is not ctx:
+                    sock = await client.ctx.call(client.detach())
+                    if sock is not None:
+                        await ctx.call(client.adopt(ctx, sock))
 
     def pending(self) -> int:
         with self._lock:
@@ -135,8 +134,9 @@ class ServedExport:
             with self._lock:
                 self.closed = True
                 clients = list(self._clients)
-            if clients:
-                await self.ctx.call(_abort_all(clients))
+            # Each in its own loop: one that was closing when the node moved stayed.
+            for ctx in {id(c.ctx): c.ctx for c in clients}.values():
+                await ctx.call(_abort_all([c for c in clients if c.ctx is ctx]))
 
 
 async def _abort_all(clients: list[NbdClient]) -> None:
