@@ -10,14 +10,13 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qsd import qapi
-from qsd.aio import set_main_context
 from qsd.block import query
 from qsd.block.backend import BlockBackend
 from qsd.block.graph import BlockGraph
@@ -53,14 +52,6 @@ def make_image(path: Path, size: int, fill: bytes | None = None) -> Path:
 
 def qemu_io(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-io", *args], capture_output=True, text=True)
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[BlockGraph]:
-    set_main_context(asyncio.get_running_loop())
-    g = BlockGraph()
-    yield g
-    await g.close_all()
 
 
 # ---- data ------------------------------------------------------------------------------------

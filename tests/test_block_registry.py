@@ -15,10 +15,7 @@ import asyncio
 import errno
 import os
 import random
-import shutil
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +40,6 @@ from qsd.daemon import Daemon
 from qsd.errors import QMPError
 from qsd.nbd.server import NbdServer
 from qsd.qapi.base import MemberSpec, QAPIModel
-from tests.harness import fuse_mounts
 
 ALIGN = 4096
 RW = PERM_CONSISTENT_READ | PERM_WRITE
@@ -174,26 +170,6 @@ class CowNode(BlockNode):
 # ---- fixtures --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def graph() -> AsyncIterator[BlockGraph]:
-    set_main_context(asyncio.get_running_loop())
-    g = BlockGraph()
-    yield g
-    await g.close_all()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """Outside pytest's basetemp (other sessions rotate it under a live mount); whatever
-    a failed test left mounted here is lazily unmounted."""
-    path = Path(tempfile.mkdtemp(prefix="qsd-registry-"))
-    yield path
-    for mount in fuse_mounts():
-        if mount.startswith(f"{path}/"):
-            subprocess.run(["umount", "-l", mount], check=False)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def image(path: Path, size: int) -> Path:
     path.write_bytes(os.urandom(size))
     return path
@@ -223,8 +199,8 @@ def test_every_schema_driver_is_registered() -> None:
     assert {n for n in drivers if not n.startswith("x-test-")} == set(variants)
 
 
-async def test_driver_from_the_tests(graph: BlockGraph, workdir: Path) -> None:
-    img = image(workdir / "a.img", 1 << 20)
+async def test_driver_from_the_tests(graph: BlockGraph, fuse_dir: Path) -> None:
+    img = image(fuse_dir / "a.img", 1 << 20)
     await add(graph, **{"driver": "file", "node-name": "f0", "filename": str(img)})
     node = await add_test(graph, driver="x-test-aligned", node_name="t0", file="f0", tag="x")
     assert isinstance(node, AlignedNode)
@@ -246,8 +222,8 @@ async def test_driver_from_the_tests(graph: BlockGraph, workdir: Path) -> None:
 
 
 async def test_aligned_driver_gets_only_aligned_requests(graph: BlockGraph,
-                                                         workdir: Path) -> None:
-    img = image(workdir / "a.img", 1 << 20)
+                                                         fuse_dir: Path) -> None:
+    img = image(fuse_dir / "a.img", 1 << 20)
     ref = bytearray(img.read_bytes())
     node = await add_test(graph, driver="x-test-aligned", node_name="t0",
                           file={"driver": "file", "filename": str(img)})
@@ -319,19 +295,19 @@ def _unaligned_io_over_nbd(sock: Path, ref: bytearray, seed: int) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                     reason="the FUSE export mounts with mount(2) and needs root and /dev/fuse")
-async def test_aligned_driver_over_fuse_and_nbd(workdir: Path) -> None:
+async def test_aligned_driver_over_fuse_and_nbd(fuse_dir: Path) -> None:
     """Unaligned reads, writes and zero-writes from the kernel's FUSE client and from
     libnbd reach a 4 KiB-aligned driver padded; the image holds exactly what was
     written."""
     set_main_context(asyncio.get_running_loop())
     daemon = Daemon()
     graph = daemon.graph
-    img = image(workdir / "a.img", 1 << 20)
+    img = image(fuse_dir / "a.img", 1 << 20)
     ref = bytearray(img.read_bytes())
     node = await add_test(graph, driver="x-test-aligned", node_name="t0",
                           file={"driver": "file", "filename": str(img)})
     assert isinstance(node, AlignedNode)
-    mountpoint = workdir / "t0.fuse"
+    mountpoint = fuse_dir / "t0.fuse"
     mountpoint.touch()
     try:
         # One after the other: a writable FUSE export resizes, NBD forbids resizing.
@@ -340,10 +316,11 @@ async def test_aligned_driver_over_fuse_and_nbd(workdir: Path) -> None:
         await asyncio.to_thread(_unaligned_io_over_fuse, mountpoint, ref, 1)
         await daemon.exports.delete("fuse0", "safe")
         await daemon.exports.close_all("fuse")
-        addr = qapi.parse_type("SocketAddress", {"type": "unix", "path": str(workdir / "nbd.sock")})
+        addr = qapi.parse_type("SocketAddress", {"type": "unix",
+                                                 "path": str(fuse_dir / "nbd.sock")})
         daemon.nbd_server = NbdServer(addr, 0, 10)
         await _export(daemon, type="nbd", id="nbd0", writable=True, **{"node-name": "t0"})
-        await asyncio.to_thread(_unaligned_io_over_nbd, workdir / "nbd.sock", ref, 2)
+        await asyncio.to_thread(_unaligned_io_over_nbd, fuse_dir / "nbd.sock", ref, 2)
     finally:
         await daemon.shutdown()
     assert img.read_bytes() == bytes(ref)
@@ -355,8 +332,8 @@ async def test_aligned_driver_over_fuse_and_nbd(workdir: Path) -> None:
 
 
 async def test_drain_waits_for_a_drivers_metadata_io(graph: BlockGraph,
-                                                     workdir: Path) -> None:
-    img = image(workdir / "j.img", 2 * JOURNAL)
+                                                     fuse_dir: Path) -> None:
+    img = image(fuse_dir / "j.img", 2 * JOURNAL)
     node = await add_test(graph, driver="x-test-journal", node_name="j0",
                           file={"driver": "file", "filename": str(img)})
     assert isinstance(node, JournalNode)
@@ -381,11 +358,11 @@ async def test_drain_waits_for_a_drivers_metadata_io(graph: BlockGraph,
 # ---- backing chains, hooks, graph transactions ---------------------------------------------
 
 
-async def test_backing_chain_in_queries(graph: BlockGraph, workdir: Path) -> None:
+async def test_backing_chain_in_queries(graph: BlockGraph, fuse_dir: Path) -> None:
     """QEMU's shape (11.1.3 shows it for qcow2): children newest first, the chain's
     depth, backing_file and a nested backing-image unless flat."""
-    base = image(workdir / "base.img", 1 << 20)
-    top = image(workdir / "top.img", 1 << 20)
+    base = image(fuse_dir / "base.img", 1 << 20)
+    top = image(fuse_dir / "top.img", 1 << 20)
     await add(graph, **{"driver": "raw", "node-name": "base",
                         "file": {"driver": "file", "filename": str(base)}})
     await add_test(graph, driver="x-test-cow", node_name="top", backing="base",
@@ -398,7 +375,7 @@ async def test_backing_chain_in_queries(graph: BlockGraph, workdir: Path) -> Non
     assert info["backing_file"] == str(base)
     image_info = info["image"]
     assert image_info["backing-filename"] == "base.img"  # type: ignore[index]
-    assert image_info["full-backing-filename"] == str(workdir / "base.img")  # type: ignore[index]
+    assert image_info["full-backing-filename"] == str(fuse_dir / "base.img")  # type: ignore[index]
     assert image_info["backing-filename-format"] == "raw"  # type: ignore[index]
     assert image_info["backing-image"]["filename"] == str(base)  # type: ignore[index]
     flat = query.query_named_block_nodes(graph, flat=True)[0]
@@ -415,8 +392,8 @@ async def test_backing_chain_in_queries(graph: BlockGraph, workdir: Path) -> Non
     assert flags & BLOCK_DATA and depth == 2
 
 
-async def test_before_write_hook(graph: BlockGraph, workdir: Path) -> None:
-    img = image(workdir / "h.img", 1 << 20)
+async def test_before_write_hook(graph: BlockGraph, fuse_dir: Path) -> None:
+    img = image(fuse_dir / "h.img", 1 << 20)
     node = await add(graph, **{"driver": "file", "node-name": "f0", "filename": str(img),
                                "discard": "unmap"})
     blk = BlockBackend(graph, node, perm=RW, shared=PERM_ALL)
@@ -439,11 +416,11 @@ async def test_before_write_hook(graph: BlockGraph, workdir: Path) -> None:
     assert blk.write_nowait(1024, b"c" * 512)
 
 
-async def test_replace_child_rolls_back(graph: BlockGraph, workdir: Path) -> None:
+async def test_replace_child_rolls_back(graph: BlockGraph, fuse_dir: Path) -> None:
     """A replacement whose permissions clash leaves edges, permissions and image locks as
     they were."""
-    a = image(workdir / "a.img", 1 << 20)
-    b = image(workdir / "b.img", 1 << 20)
+    a = image(fuse_dir / "a.img", 1 << 20)
+    b = image(fuse_dir / "b.img", 1 << 20)
     await add(graph, **{"driver": "file", "node-name": "fa", "filename": str(a)})
     await add(graph, **{"driver": "file", "node-name": "fb", "filename": str(b)})
     raw = await add(graph, **{"driver": "raw", "node-name": "r0", "file": "fa"})
@@ -473,10 +450,10 @@ def lock_probe(img: Path) -> list[str]:
     return [line for line in res.stderr.splitlines() if "lock" in line]
 
 
-async def test_replace_node_puts_a_filter_on_top(graph: BlockGraph, workdir: Path) -> None:
+async def test_replace_node_puts_a_filter_on_top(graph: BlockGraph, fuse_dir: Path) -> None:
     """The users of a node move to a filter above it in one step; the filter's own edge
     to the node stays (how a filter or an overlay is put on top of a node in use)."""
-    img = image(workdir / "p.img", 1 << 20)
+    img = image(fuse_dir / "p.img", 1 << 20)
     f0 = await add(graph, **{"driver": "file", "node-name": "f0", "filename": str(img)})
     blk = BlockBackend(graph, f0, perm=RW, shared=PERM_ALL)
     top = await add(graph, **{"driver": "raw", "node-name": "top", "file": "f0"})

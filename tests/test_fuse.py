@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,19 +27,6 @@ pytestmark = pytest.mark.skipif(
     reason="FUSE export tests mount with mount(2) and need root and /dev/fuse")
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def fuse_dir() -> Iterator[Path]:
-    """Images and mountpoints, outside pytest's shared basetemp: other pytest sessions on
-    the machine rename old basetemp directories, which must not happen under a live mount.
-    Whatever a failed test left mounted here is lazily unmounted."""
-    path = Path(tempfile.mkdtemp(prefix="qsd-fuse-test-"))
-    yield path
-    for mount in fuse_mounts():
-        if mount.startswith(f"{path}/"):
-            subprocess.run(["umount", "-l", mount], check=False)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Session:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import nbd
@@ -23,6 +22,7 @@ import pytest
 
 from tests.conftest import QsdFactory
 from tests.harness import Qsd, fuse_mounts, wait_for_listener
+from tests.tls_certs import make_credentials
 
 REQUESTS = 20000
 
@@ -63,9 +63,13 @@ def qmp(daemon: Qsd, command: str, **args: object) -> bytes:
         monitor.close()
 
 
-def nbd_client(sock: Path, name: str) -> nbd.NBD:
+def nbd_client(sock: Path, name: str, certs: Path | None) -> nbd.NBD:
     client = nbd.NBD()
-    client.connect_uri(f"nbd+unix:///{name}?socket={sock}")
+    if certs is None:
+        client.connect_uri(f"nbd+unix:///{name}?socket={sock}")
+    else:
+        client.set_uri_allow_local_file(True)
+        client.connect_uri(f"nbds+unix:///{name}?socket={sock}&tls-certificates={certs}")
     return client
 
 
@@ -76,22 +80,32 @@ def reads(client: nbd.NBD) -> Callable[[], None]:
     return run
 
 
-def test_nbd_clients_follow_the_node(start_qsd: QsdFactory) -> None:
-    """New clients attach in the node's new iothread; connected ones move there too."""
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_nbd_clients_follow_the_node(start_qsd: QsdFactory, tls: bool) -> None:
+    """New clients attach in the node's new iothread; connected ones move there too,
+    TLS sessions included."""
     sock_dir = Path(tempfile.mkdtemp(prefix="qsd-move-", dir="/tmp"))
     sock = sock_dir / "nbd.sock"
     try:
-        daemon = start_qsd("--object", "iothread,id=io0", "--object", "iothread,id=io1",
-                           "--blockdev", "null-co,node-name=n0,size=1048576,read-zeroes=on",
-                           "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                           "--export", "nbd,id=e0,node-name=n0,iothread=io0")
+        args = ["--object", "iothread,id=io0", "--object", "iothread,id=io1",
+                "--blockdev", "null-co,node-name=n0,size=1048576,read-zeroes=on",
+                "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", "nbd,id=e0,node-name=n0,iothread=io0"]
+        certs = None
+        if tls:
+            creds = make_credentials(sock_dir / "creds")
+            certs = creds["client"]
+            args[-3] += ",tls-creds=t0"
+            args[:0] = ["--object",
+                        f"tls-creds-x509,id=t0,dir={creds['server']},endpoint=server"]
+        daemon = start_qsd(*args)
         wait_for_listener(sock, daemon.proc)
-        old = nbd_client(sock, "n0")
+        old = nbd_client(sock, "n0", certs)
         try:
             assert serving_thread(daemon.pid, reads(old)) == "io0"
             assert qmp(daemon, "x-blockdev-set-iothread", iothread="io1", force=True,
                        **{"node-name": "n0"}) == b'{"return": {}}'
-            new = nbd_client(sock, "n0")
+            new = nbd_client(sock, "n0", certs)
             try:
                 assert serving_thread(daemon.pid, reads(new)) == "io1"
                 assert serving_thread(daemon.pid, reads(old)) == "io1"
@@ -105,16 +119,6 @@ def test_nbd_clients_follow_the_node(start_qsd: QsdFactory) -> None:
             old.shutdown()
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
-
-
-@pytest.fixture
-def fuse_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="qsd-move-fuse-"))
-    yield path
-    for mount in fuse_mounts():
-        if mount.startswith(f"{path}/"):
-            subprocess.run(["umount", "-l", mount], check=False)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from qsd.block import drain, io
 from qsd.block.limits import BlockLimits
-from qsd.block.node import BlockNode, Child, Data, count_value
+from qsd.block.node import BlockNode, Child, ChildParent, Data, count_value
 from qsd.block.permissions import PERM_WRITE, PERM_WRITE_UNCHANGED, ChildRole
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class BlockBackend:
+class BlockBackend(ChildParent):
     """A user's handle on a node; see docs/ARCHITECTURE.md for the contract."""
 
     def __init__(self, graph: BlockGraph, node: BlockNode, *, perm: int, shared: int,
@@ -365,9 +365,6 @@ class BlockBackend:
             result = notifier(ctx)
             if inspect.isawaitable(result):
                 await result
-
-    def child_resized(self, child: Child) -> None:
-        pass
 
     def child_changed(self, child: Child) -> None:
         self._bind()

@@ -57,33 +57,12 @@ class GraphUser(ChildParent, Protocol):
         ...
 
 
-class _TemporaryUser:
+class _TemporaryUser(ChildParent):
     """The short-lived user a command holds its node through (QEMU's blk_new_with_bs in
     qmp_block_resize), named in conflicts like any BlockBackend."""
 
     def child_description(self, child: Child) -> str:
         return UNNAMED
-
-    def child_drained_begin(self, child: Child) -> None:
-        pass
-
-    def child_drained_end(self, child: Child) -> None:
-        pass
-
-    def child_drained_poll(self, child: Child) -> bool:
-        return False
-
-    def child_aio_context_check(self, child: Child, ctx: AioContext) -> str | None:
-        return None
-
-    async def child_aio_context_changed(self, child: Child, ctx: AioContext) -> None:
-        pass
-
-    def child_resized(self, child: Child) -> None:
-        pass
-
-    def child_changed(self, child: Child) -> None:
-        pass
 
 
 class BlockGraph:

@@ -110,7 +110,8 @@ class ChildParent(Protocol):
 
     QEMU's BdrvChildClass.  The graph and drain code call these on the owner of every
     edge into a node they work on; implementations must be quick and must not change
-    the graph.
+    the graph.  Owners subclass this to start from the defaults: nothing to stop, nothing
+    pending, any iothread is fine, nothing to follow.
     """
 
     def child_description(self, child: Child) -> str:
@@ -120,30 +121,30 @@ class ChildParent(Protocol):
 
     def child_drained_begin(self, child: Child) -> None:
         """Stop sending new requests to ``child`` until child_drained_end (main loop)."""
-        ...
+        return None
 
     def child_drained_end(self, child: Child) -> None:
-        ...
+        return None
 
     def child_drained_poll(self, child: Child) -> bool:
         """Whether requests of this owner are still on their way (drain waits)."""
-        ...
+        return False
 
     def child_aio_context_check(self, child: Child, ctx: AioContext) -> str | None:
         """Why the node below must not move to ``ctx`` (an error text), or None."""
-        ...
+        return None
 
     async def child_aio_context_changed(self, child: Child, ctx: AioContext) -> None:
         """The node below moved to ``ctx`` (main loop, drained, graph unlocked)."""
-        ...
+        return None
 
     def child_resized(self, child: Child) -> None:
         """The node below changed its length (any thread)."""
-        ...
+        return None
 
     def child_changed(self, child: Child) -> None:
         """Something below changed that bindings to its fast paths depend on."""
-        ...
+        return None
 
 
 class ChildOpener(Protocol):
@@ -193,7 +194,7 @@ def _qdict_json(value: object) -> object:
     return value
 
 
-class BlockNode:
+class BlockNode(ChildParent):
     """Driver-independent state of a node and the interface every driver implements.
 
     A driver subclass declares itself with class attributes and ``@register`` (see
@@ -523,25 +524,11 @@ class BlockNode:
             return exact
         return "json:" + json.dumps(_qdict_json(self.full_open_options()))
 
-    # ---- as the owner of its children edges -------------------------------------------------
+    # ---- as the owner of its children edges (a drain of a child covers this node too:
+    # drain.py quiesces every ancestor; the graph moves connected nodes together) -------
 
     def child_description(self, child: Child) -> str:
         return self.describe()
-
-    def child_drained_begin(self, child: Child) -> None:
-        """A drain of a child also covers this node (drain.py quiesces every ancestor)."""
-
-    def child_drained_end(self, child: Child) -> None:
-        pass
-
-    def child_drained_poll(self, child: Child) -> bool:
-        return False
-
-    def child_aio_context_check(self, child: Child, ctx: AioContext) -> str | None:
-        return None
-
-    async def child_aio_context_changed(self, child: Child, ctx: AioContext) -> None:
-        """The graph moves the whole connected component together."""
 
     def child_resized(self, child: Child) -> None:
         self.refresh_length()
