@@ -26,7 +26,6 @@ from qsd.qom.model import (
 )
 from tests.conftest import QsdFactory
 from tests.harness import Monitor, fuse_mounts
-from tests.test_fuse import fuse_dir  # noqa: F401 (a fixture)
 
 IOTHREAD_PROPERTIES = [
     ("type", "string"), ("thread-pool-min", "int"), ("aio-max-batch", "int"),
