@@ -29,6 +29,7 @@ from qsd.block.permissions import (
     PERM_WRITE,
 )
 from qsd.errors import QMPError
+from tests.harness import wait_for_listener
 
 RW = PERM_CONSISTENT_READ | PERM_WRITE
 EXPORT_SHARED = PERM_ALL & ~PERM_RESIZE   # what QEMU's non-growable exports share
@@ -217,11 +218,9 @@ class DebianQsd:
         self.proc = subprocess.Popen(
             ["qemu-storage-daemon", "--chardev",
              f"socket,id=m,path={self.path},server=on,wait=off", "--monitor", "chardev=m"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            if self.path.exists():
-                break
-            time.sleep(0.02)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Listening, not only bound: a connect between bind and listen is refused.
+        wait_for_listener(self.path, self.proc, timeout=30)
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.connect(str(self.path))
         self.file = self.sock.makefile("rw")
@@ -240,6 +239,8 @@ class DebianQsd:
         self.sock.close()
         self.proc.terminate()
         self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 @pytest.fixture
