@@ -145,13 +145,20 @@ def _listen_unix(addr: SocketAddressVariantUnix, backlog: int, mode: int | None
         except OSError as exc:
             raise _error(f"Failed to unlink socket {path}", exc) from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    chmod = None if mode is None or abstract else (lambda: os.chmod(path, mode))
+    return _bind_and_listen(sock, sockaddr, backlog, f"Failed to bind socket to {path}", chmod)
+
+
+def _bind_and_listen(sock: socket.socket, sockaddr: Sockaddr, backlog: int, bind_error: str,
+                     before_listen: Callable[[], None] | None = None) -> socket.socket:
+    """bind() and listen() with QEMU's texts; the socket is closed if either fails."""
     try:
         try:
             sock.bind(sockaddr)
         except OSError as exc:
-            raise _error(f"Failed to bind socket to {path}", exc) from None
-        if mode is not None and not abstract:
-            os.chmod(path, mode)
+            raise _error(bind_error, exc) from None
+        if before_listen is not None:
+            before_listen()
         try:
             sock.listen(backlog)
         except OSError as exc:
@@ -252,19 +259,7 @@ def _listen_vsock(addr: SocketAddressVariantVsock, backlog: int) -> socket.socke
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     except OSError as exc:
         raise _error("Failed to create socket", exc) from None
-    try:
-        try:
-            sock.bind(sockaddr)
-        except OSError as exc:
-            raise _error("Failed to bind socket", exc) from None
-        try:
-            sock.listen(backlog)
-        except OSError as exc:
-            raise _error("Failed to listen on socket", exc) from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return _bind_and_listen(sock, sockaddr, backlog, "Failed to bind socket")
 
 
 def _listen_fd(addr: SocketAddressVariantFd, backlog: int) -> socket.socket:
