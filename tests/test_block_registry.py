@@ -16,6 +16,7 @@ import errno
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -466,3 +467,18 @@ async def test_replace_node_puts_a_filter_on_top(graph: BlockGraph, fuse_dir: Pa
     edges = query.x_debug_query_block_graph(graph)["edges"]
     assert sorted((e["name"], e["perm"]) for e in edges) == [  # type: ignore[attr-defined]
         ("file", ["write", "consistent-read"]), ("root", ["write", "consistent-read"])]
+
+
+def test_a_lookup_loads_only_the_drivers_module() -> None:
+    """A command line pays at start-up only for the drivers it names (qcow2's modules
+    alone take longer to import than QEMU's daemon takes to start)."""
+    probe = ("import sys; from qsd.block import registry; "
+             "assert registry.lookup('null-co') is not None; "
+             "print(sorted(m for m in sys.modules if m.startswith('qsd.block.drivers.')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "['qsd.block.drivers.null']"
+    probe = ("from qsd.block import registry; "
+             "assert registry.lookup('no-such-driver') is None; "
+             "assert {'file', 'raw', 'qcow2', 'null-aio'} <= set(registry.drivers())")
+    subprocess.run([sys.executable, "-c", probe], check=True)

@@ -8,9 +8,11 @@ declares itself::
     class NullNode(BlockNode): ...
 
 The node class says everything else about the driver (class attributes, ``open``, the
-``do_*`` primitives it supports, ``child_perm``, ``driver_limits``).  The modules of the
-package are imported on the first lookup, so adding a driver touches only its module and
-the QAPI schema; tests register drivers of their own the same way.  A driver that opens
+``do_*`` primitives it supports, ``child_perm``, ``driver_limits``).  A lookup imports
+the module named after the driver (``null-co`` lives in ``null.py``), and the whole
+package only when that finds nothing, so a command line loads just the drivers it uses;
+adding a driver touches only its module and the QAPI schema; tests register drivers of
+their own the same way.  A driver that opens
 children it defines itself (a backing file named in an image header) passes their
 options to ``children.open_child`` in wire form, as a dict.
 """
@@ -65,8 +67,24 @@ def _load() -> None:
     _loaded = True
 
 
+def _load_module_of(name: str) -> None:
+    for module in dict.fromkeys((name.replace("-", "_"), name.partition("-")[0])):
+        if not module.isidentifier():
+            continue
+        try:
+            importlib.import_module(f"{_DRIVER_PACKAGE}.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{_DRIVER_PACKAGE}.{module}":
+                raise
+        if name in _drivers:
+            return
+
+
 def lookup(name: str) -> BlockDriver | None:
-    _load()
+    if name not in _drivers and not _loaded:
+        _load_module_of(name)
+        if name not in _drivers:
+            _load()
     return _drivers.get(name)
 
 
