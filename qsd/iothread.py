@@ -197,6 +197,26 @@ class IOThread(EventLoopBase, qom_type="iothread", properties=_IOTHREAD_PROPERTI
         return f"<IOThread {self.id!r}>"
 
 
+class MainLoop(EventLoopBase, qom_type="main-loop"):
+    """``--object main-loop``: the main loop's batching and thread-pool parameters.
+
+    The main loop always runs, so every change is checked at once; there is one main
+    loop, so one such object, and it cannot be deleted.
+    """
+
+    def update_params(self) -> None:
+        self.check_thread_pool()
+
+    def complete(self) -> None:
+        assert self.qom_parent is not None
+        if any(isinstance(obj, MainLoop) and obj is not self
+               for obj in self.qom_parent.values()):
+            raise QMPError("only one main-loop instance allowed")
+
+    def check_delete(self) -> None:
+        raise QMPError(f"Deleting main loop '{self.id}' is not supported")
+
+
 def id_of(ctx: AioContext) -> int:
     return id(ctx)
 

@@ -252,6 +252,7 @@ def test_qom_list_types(monitor: Monitor) -> None:
         {"name": "authz-list", "parent": "authz"}]
     assert monitor.ok("qom-list-types", implements="event-loop-base", abstract=True) == [
         {"name": "iothread", "parent": "event-loop-base"},
+        {"name": "main-loop", "parent": "event-loop-base"},
         {"abstract": True, "name": "event-loop-base", "parent": "object"}]
     assert monitor.ok("qom-list-types", implements="nope") == []
     creatable = monitor.ok("qom-list-types", implements="user-creatable")
@@ -303,3 +304,20 @@ def test_poll_max_ns_reaches_the_fuse_queue(start_qsd: QsdFactory,
     mon.raw.close()
     assert polling > 0.1, (quiet, polling, quiet_again)
     assert quiet < polling / 4 and quiet_again < polling / 4, (quiet, polling, quiet_again)
+
+
+def test_main_loop(monitor: Monitor) -> None:
+    """One main-loop object at most; its parameters are checked at once (the main loop
+    always runs), and it cannot be deleted."""
+    add = {"qom-type": "main-loop"}
+    assert (monitor.err("object-add", **add, id="ml0", **{"thread-pool-max": 0})
+            == "bad thread-pool-min/thread-pool-max values")
+    monitor.ok("object-add", **add, id="ml0")
+    assert (monitor.err("object-add", **add, id="ml1", **{"thread-pool-max": 0})
+            == "bad thread-pool-min/thread-pool-max values")
+    assert monitor.err("object-add", **add, id="ml1") == "only one main-loop instance allowed"
+    assert monitor.ok("qom-list", path="/objects/ml0") == [
+        {"name": name, "type": kind} for name, kind in IOTHREAD_PROPERTIES[:4]]
+    assert (monitor.err("qom-set", path="/objects/ml0", property="thread-pool-min", value=100)
+            == "bad thread-pool-min/thread-pool-max values")
+    assert monitor.err("object-del", id="ml0") == "Deleting main loop 'ml0' is not supported"

@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 # The order of QEMU 11.1.3's type table (qom-list-types), for the types qsd has.
 _TYPE_ORDER = (
     "authz-simple", "secret_common", "container", "interface", "iothread", "secret", "authz",
-    "monitor", "tls-creds-psk", "tls-creds", "authz-list-file", "chardev-null", "authz-list",
-    "monitor-qmp", "event-loop-base", "chardev-fd", "chardev", "user-creatable",
+    "monitor", "tls-creds-psk", "tls-creds", "main-loop", "authz-list-file", "chardev-null",
+    "authz-list", "monitor-qmp", "event-loop-base", "chardev-fd", "chardev", "user-creatable",
     "chardev-socket", "chardev-stdio", "object", "tls-creds-x509", "throttle-group",
 )
 

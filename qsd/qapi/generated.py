@@ -255,6 +255,7 @@ class ObjectType(enum.StrEnum):
     authz_listfile = 'authz-listfile'
     authz_simple = 'authz-simple'
     iothread = 'iothread'
+    main_loop = 'main-loop'
     secret = 'secret'
     throttle_group = 'throttle-group'
     tls_creds_psk = 'tls-creds-psk'
@@ -2457,6 +2458,16 @@ class IothreadProperties(EventLoopBaseProperties):
     )
 
 
+class MainLoopProperties(EventLoopBaseProperties):
+    """QAPI struct MainLoopProperties."""
+
+    __qapi_members__ = (
+        _base.MemberSpec('aio-max-batch', 'aio_max_batch', 'int', True),
+        _base.MemberSpec('thread-pool-min', 'thread_pool_min', 'int', True),
+        _base.MemberSpec('thread-pool-max', 'thread_pool_max', 'int', True),
+    )
+
+
 class ThrottleGroupProperties(_base.QAPIModel):
     """QAPI struct ThrottleGroupProperties."""
 
@@ -2587,6 +2598,24 @@ class ObjectOptionsVariantIothread(ObjectOptions, IothreadProperties):
         _base.MemberSpec('poll-grow', 'poll_grow', 'int', True),
         _base.MemberSpec('poll-shrink', 'poll_shrink', 'int', True),
         _base.MemberSpec('poll-weight', 'poll_weight', 'int', True),
+    )
+
+
+class ObjectOptionsVariantMainLoop(ObjectOptions, MainLoopProperties):
+    """ObjectOptions with qom-type 'main-loop'."""
+
+    qom_type: ObjectType
+    id: builtins.str
+    aio_max_batch: builtins.int | None = None
+    thread_pool_min: builtins.int | None = None
+    thread_pool_max: builtins.int | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('qom-type', 'qom_type', 'ObjectType', False),
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('aio-max-batch', 'aio_max_batch', 'int', True),
+        _base.MemberSpec('thread-pool-min', 'thread_pool_min', 'int', True),
+        _base.MemberSpec('thread-pool-max', 'thread_pool_max', 'int', True),
     )
 
 
@@ -2863,7 +2892,7 @@ SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': Soc
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'vhost-user-blk': BlockExportOptionsVariantVhostUserBlk, 'fuse': BlockExportOptionsVariantFuse}
 ChardevBackend.__qapi_variants__ = {'file': ChardevBackendVariantFile, 'socket': ChardevBackendVariantSocket, 'null': ChardevBackendVariantNull, 'stdio': ChardevBackendVariantStdio}
 SchemaInfo.__qapi_variants__ = {'builtin': SchemaInfoVariantBuiltin, 'enum': SchemaInfoVariantEnum, 'array': SchemaInfoVariantArray, 'object': SchemaInfoVariantObject, 'alternate': SchemaInfoVariantAlternate, 'command': SchemaInfoVariantCommand, 'event': SchemaInfoVariantEvent}
-ObjectOptions.__qapi_variants__ = {'authz-list': ObjectOptionsVariantAuthzList, 'authz-listfile': ObjectOptionsVariantAuthzListfile, 'authz-simple': ObjectOptionsVariantAuthzSimple, 'iothread': ObjectOptionsVariantIothread, 'secret': ObjectOptionsVariantSecret, 'throttle-group': ObjectOptionsVariantThrottleGroup, 'tls-creds-psk': ObjectOptionsVariantTlsCredsPsk, 'tls-creds-x509': ObjectOptionsVariantTlsCredsX509}
+ObjectOptions.__qapi_variants__ = {'authz-list': ObjectOptionsVariantAuthzList, 'authz-listfile': ObjectOptionsVariantAuthzListfile, 'authz-simple': ObjectOptionsVariantAuthzSimple, 'iothread': ObjectOptionsVariantIothread, 'main-loop': ObjectOptionsVariantMainLoop, 'secret': ObjectOptionsVariantSecret, 'throttle-group': ObjectOptionsVariantThrottleGroup, 'tls-creds-psk': ObjectOptionsVariantTlsCredsPsk, 'tls-creds-x509': ObjectOptionsVariantTlsCredsX509}
 
 
 #: Every enum, struct and union class by QAPI name (argument classes by Python name).
@@ -2999,6 +3028,7 @@ TYPES: dict[str, type] = {
     'SchemaInfoEvent': SchemaInfoEvent,
     'EventLoopBaseProperties': EventLoopBaseProperties,
     'IothreadProperties': IothreadProperties,
+    'MainLoopProperties': MainLoopProperties,
     'ThrottleGroupProperties': ThrottleGroupProperties,
     'ObjectType': ObjectType,
     'ObjectOptions': ObjectOptions,

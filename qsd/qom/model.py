@@ -130,6 +130,7 @@ TYPE_MODULES = {
     "authz-listfile": "qsd.authz",
     "authz-simple": "qsd.authz",
     "iothread": "qsd.iothread",
+    "main-loop": "qsd.iothread",
     "secret": "qsd.crypto.secret",
     "throttle-group": "qsd.block.throttle_groups",
     "tls-creds-psk": "qsd.crypto.tlscreds",
