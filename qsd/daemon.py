@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from qsd.block import events as block_events
 from qsd.block.graph import BlockGraph
-from qsd.chardev.registry import Chardevs
+from qsd.chardev.base import Chardev
 from qsd.export.registry import ExportRegistry
 from qsd.iothread import IOThread
 from qsd.qmp.encode import event_message
-from qsd.qom.model import Container
+from qsd.qom.model import Container, QOMObject
 
 if TYPE_CHECKING:
     from qsd.nbd.server import NbdServer
@@ -39,13 +39,14 @@ class Daemon:
         self.graph = BlockGraph()
         self.exports = ExportRegistry(self)
         # The QOM tree: user-creatable objects live in /objects, by id.
-        self.qom_root = Container()
-        self.objects = Container()
-        for name, container in (("objects", self.objects), ("chardevs", Container()),
+        self.qom_root: Container[QOMObject] = Container()
+        self.objects: Container[QOMObject] = Container()
+        self.chardevs: Container[Chardev] = Container()
+        for name, container in (("objects", self.objects), ("chardevs", self.chardevs),
                                 ("backend", Container()), ("audiodevs", Container())):
             self.qom_root.add_child(name, container)
-        self.chardevs = Chardevs()
         self.monitors: list[EventSink] = []
+        self.unnamed_monitors = 0     # how QEMU numbers compat_monitorN
         self.nbd_server: NbdServer | None = None
         self._shutdown_requested = asyncio.Event()
         self._shutdown_announced = False
@@ -60,7 +61,7 @@ class Daemon:
 
     def start_monitors(self) -> None:
         """Like QEMU, monitors answer only once every command-line option was applied."""
-        for chardev in self.chardevs:
+        for chardev in self.chardevs.values():
             if chardev.frontend is not None:
                 chardev.start()
 
@@ -104,11 +105,14 @@ class Daemon:
             await server.stop()
 
     async def _finalize_objects(self) -> None:
+        """Monitors stay to the end (they go with their chardevs)."""
         for name in reversed(list(self.objects)):
-            self.objects.remove_child(name).finalize()
+            obj: object = self.objects[name]
+            if obj not in self.monitors:
+                self.objects.remove_child(name).finalize()
 
     async def _close_chardevs(self) -> None:
-        chardevs = self.chardevs.take_all()
+        chardevs = [self.chardevs.remove_child(name) for name in list(self.chardevs)]
         self.monitors.clear()
         for chardev in chardevs:
             await chardev.close()

@@ -17,6 +17,7 @@ from qsd.chardev.options import help_text, parse_chardev_option
 from qsd.commands.registry import HANDLERS
 from qsd.daemon import Daemon
 from qsd.errors import QMPError, location
+from qsd.ids import ID_HINT, id_wellformed
 from qsd.keyval import keyval_parse
 from qsd.qapi.generated import ObjectType
 from qsd.qmp.jsonstream import parse_json_text
@@ -36,17 +37,24 @@ def _typed(type_name: str, text: str, implied_key: str | None) -> Any:
 
 
 async def _monitor(daemon: Daemon, text: str) -> None:
+    """A monitor object, in QEMU's order: it joins /objects (as ``compat_monitorN``
+    without an id) before it looks for its chardev."""
     opts = _typed("MonitorOptions", text, "chardev")
     if getattr(opts.mode, "value", opts.mode) == "readline":
         raise QMPError("Only QMP is supported")
-    chardev = daemon.chardevs.get(opts.chardev)
-    if chardev is None:
-        raise QMPError(f'chardev "{opts.chardev}" not found')
-    if chardev.frontend is not None:
-        raise QMPError(f"Device '{opts.chardev}' is in use")
-    monitor = Monitor(daemon, opts.id, bool(opts.pretty))
-    daemon.monitors.append(monitor)
-    chardev.attach(monitor.serve_connection)
+    if opts.id is not None and not id_wellformed(opts.id):
+        raise QMPError("Parameter 'id' expects an identifier", hint=ID_HINT)
+    monitor = Monitor(daemon, opts.chardev, bool(opts.pretty))
+    name = opts.id
+    if name is None:
+        name = f"compat_monitor{daemon.unnamed_monitors}"
+        daemon.unnamed_monitors += 1
+    daemon.objects.add_child(name, monitor)
+    try:
+        monitor.complete()
+    except BaseException:
+        daemon.objects.remove_child(name)
+        raise
 
 
 def _print_object_help() -> None:
@@ -63,8 +71,8 @@ async def _chardev(daemon: Daemon, text: str) -> bool:
     if options.id in daemon.chardevs:
         raise QMPError(f"attempt to add duplicate property '{options.id}' to object "
                        "(type 'container')")
-    daemon.chardevs.add(await create_chardev(options.id, options.backend,
-                                             objects=daemon.objects))
+    daemon.chardevs.add_child(options.id, await create_chardev(options.id, options.backend,
+                                                               objects=daemon.objects))
     return True
 
 

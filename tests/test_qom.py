@@ -1,11 +1,13 @@
 """The object model: qom-* over a real daemon, object-add through property setters, and
 the order facts the listings rely on. Expected replies were recorded from QEMU 11.1.3's
-daemon with the same commands (its monitor objects aside, which qsd does not list yet).
+daemon with the same commands (the harness's monitor has no id: compat_monitor0).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ from qsd.qom.model import (
     type_by_name,
 )
 from tests.conftest import QsdFactory
-from tests.harness import Monitor, fuse_mounts
+from tests.harness import Monitor, RawMonitor, fuse_mounts
 
 IOTHREAD_PROPERTIES = [
     ("type", "string"), ("thread-pool-min", "int"), ("aio-max-batch", "int"),
@@ -149,7 +151,8 @@ def test_qom_errors(monitor: Monitor, command: str, args: dict[str, Any],
 
 
 def test_paths(monitor: Monitor) -> None:
-    listing = [{"name": "type", "type": "string"}, {"name": "io0", "type": "child<iothread>"}]
+    listing = [{"name": "type", "type": "string"}, {"name": "io0", "type": "child<iothread>"},
+               {"name": "compat_monitor0", "type": "child<monitor-qmp>"}]
     for path in ("/objects", "//objects/", "objects"):
         assert monitor.ok("qom-list", path=path) == listing
     assert monitor.ok("qom-list", path="/") == [
@@ -164,7 +167,7 @@ def test_paths(monitor: Monitor) -> None:
 
 def test_objects_listed_in_qemus_order(monitor: Monitor) -> None:
     """Children come out in GHashTable order, which depends on every addition and
-    removal, failed additions included (the recording had QEMU's monitor too)."""
+    removal, failed additions included."""
     for name in ("tg0", "tg1", "tg2"):
         monitor.ok("object-add", **{"qom-type": "throttle-group", "id": name})
     assert "iops size" in monitor.err("object-add", **{"qom-type": "throttle-group",
@@ -172,7 +175,7 @@ def test_objects_listed_in_qemus_order(monitor: Monitor) -> None:
     monitor.ok("object-add", **{"qom-type": "throttle-group", "id": "tg3"})
     monitor.ok("object-del", id="tg1")
     names = [entry["name"] for entry in monitor.ok("qom-list", path="/objects")]
-    assert names == ["type", "tg3", "io0", "tg2", "tg0"]
+    assert names == ["type", "tg3", "io0", "tg2", "compat_monitor0", "tg0"]
 
 
 def test_throttle_group_limits(monitor: Monitor) -> None:
@@ -229,7 +232,7 @@ def test_throttle_group_errors(monitor: Monitor, args: dict[str, Any], error: st
     options = {"qom-type": "throttle-group", "id": "tg"} | args
     assert monitor.err("object-add", **options) == error
     names = [entry["name"] for entry in monitor.ok("qom-list", path="/objects")]
-    assert names == ["type", "io0"]
+    assert names == ["type", "io0", "compat_monitor0"]
 
 
 def test_object_on_the_command_line(start_qsd: QsdFactory) -> None:
@@ -286,7 +289,7 @@ def _busy_fraction(pid: int, path: Path, seconds: float = 1.5) -> float:
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                     reason="needs root and /dev/fuse")
 def test_poll_max_ns_reaches_the_fuse_queue(start_qsd: QsdFactory,
-                                            fuse_dir: Path) -> None:  # noqa: F811
+                                            fuse_dir: Path) -> None:
     image, mountpoint = fuse_dir / "disk.raw", fuse_dir / "mnt"
     image.write_bytes(bytes(1 << 20))
     mountpoint.touch()
@@ -321,3 +324,54 @@ def test_main_loop(monitor: Monitor) -> None:
     assert (monitor.err("qom-set", path="/objects/ml0", property="thread-pool-min", value=100)
             == "bad thread-pool-min/thread-pool-max values")
     assert monitor.err("object-del", id="ml0") == "Deleting main loop 'ml0' is not supported"
+
+
+def test_monitors_and_chardevs_in_the_tree(start_qsd: QsdFactory, tmp_path: Path) -> None:
+    """Monitors are objects (compat_monitorN without an id), chardevs the children of
+    /chardevs; deleting a monitor frees its chardev, the current one refuses."""
+    sock = Path(qsd_sock_dir := tempfile.mkdtemp(prefix="qsd-qom-", dir="/tmp")) / "m1.sock"
+    try:
+        qsd = start_qsd("--chardev", f"socket,id=c1,path={sock},server=on,wait=off",
+                        "--chardev", "null,id=c2", "--monitor", "c1,id=mon1",
+                        "--monitor", "c2")
+        mon = Monitor(qsd)
+        assert mon.ok("qom-list", path="/objects") == [
+            {"name": "type", "type": "string"},
+            {"name": "compat_monitor1", "type": "child<monitor-qmp>"},
+            {"name": "mon1", "type": "child<monitor-qmp>"},
+            {"name": "compat_monitor0", "type": "child<monitor-qmp>"}]
+        assert mon.ok("qom-list-get", paths=["mon1"]) == [{"properties": [
+            {"name": "type", "type": "string", "value": "monitor-qmp"},
+            {"name": "chardev", "type": "string", "value": "c1"},
+            {"name": "pretty", "type": "bool", "value": False},
+            {"name": "close-action", "type": "MonitorQMPCloseAction", "value": "none"}]}]
+        assert [e["name"] for e in mon.ok("qom-list", path="/chardevs")] == [
+            "type", "c2", "qmp0", "c1"]
+        assert mon.ok("qom-list", path="c1") == [
+            {"name": "type", "type": "string"}, {"name": "connected", "type": "bool"},
+            {"name": "addr", "type": "SocketAddress"}]
+        assert mon.ok("qom-get", path="/chardevs/c1", property="addr") == {
+            "type": "unix", "path": str(sock)}
+        assert mon.ok("qom-get", path="/chardevs/qmp0", property="connected") is True
+        assert (mon.err("qom-set", path="/chardevs/c1", property="connected", value=True)
+                == "Property 'chardev-socket.connected' is not writable")
+        assert (mon.err("object-del", id="compat_monitor0")
+                == "Cannot delete the current QMP monitor")
+        # Deleting a monitor frees its chardev. Its client's connection ends (QEMU
+        # 11.1.3 keeps it open and stops answering: a deliberate difference).
+        other = RawMonitor(sock)
+        other.negotiate()
+        mon.ok("object-del", id="mon1")
+        with pytest.raises(ConnectionError):
+            other.recv_line()
+        other.close()
+        mon.ok("object-del", id="compat_monitor1")
+        frontends = {c["label"]: c["frontend-open"] for c in mon.ok("query-chardev")}
+        assert frontends == {"c1": False, "qmp0": True, "c2": False}
+        mon.ok("chardev-remove", id="c2")
+        mon.ok("chardev-remove", id="c1")
+        assert [e["name"] for e in mon.ok("qom-list", path="/objects")] == [
+            "type", "compat_monitor0"]
+        mon.raw.close()
+    finally:
+        shutil.rmtree(qsd_sock_dir, ignore_errors=True)

@@ -85,8 +85,8 @@ def iothreads() -> Iterator[list[IOThread]]:
         thread.stop()
 
 
-def make_group(name: str, **limits: int) -> tuple[Container, ThrottleGroup]:
-    objects = Container()
+def make_group(name: str, **limits: int) -> tuple[Container[ThrottleGroup], ThrottleGroup]:
+    objects: Container[ThrottleGroup] = Container()
     group = ThrottleGroup()
     objects.add_child(name, group)
     group.complete()

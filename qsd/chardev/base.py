@@ -14,6 +14,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from qsd.errors import QMPError
+from qsd.qom.model import QOMObject
 
 Frontend = Callable[["Connection"], Awaitable[None]]
 
@@ -147,14 +148,15 @@ class FdConnection(Connection):
             self._closed.set_result(None)
 
 
-class Chardev:
+class Chardev(QOMObject, qom_type="chardev", abstract=True):
     """Base of the backends: an id, the frontend using it and its ``query-chardev`` text.
+    Chardevs are the children of the /chardevs container; the id is their name there.
 
     The base behaves as QEMU's null chardev: nothing to open, nothing ever arrives.
     """
 
     def __init__(self, chardev_id: str, log: ChardevLog | None = None) -> None:
-        self.id = chardev_id
+        self.qom_name = chardev_id
         self.log = log
         self.frontend: Frontend | None = None
 
@@ -171,10 +173,18 @@ class Chardev:
     def start(self) -> None:
         """Starts handing connections to the frontend."""
 
+    async def detach(self) -> None:
+        """Releases the frontend: its connection ends, the chardev stays open."""
+        self.frontend = None
+
     async def close(self) -> None:
         if self.log is not None:
             self.log.close()
             self.log = None
+
+
+class NullChardev(Chardev, qom_type="chardev-null"):
+    """``null``: everything written is dropped, nothing ever arrives."""
 
 
 async def serve_once(frontend: Frontend, conn: Connection) -> None:

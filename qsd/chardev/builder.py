@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from qsd.chardev.base import Chardev, ChardevLog
+from qsd.chardev.base import Chardev, ChardevLog, NullChardev
 from qsd.chardev.file import FileChardev, StdioChardev
 from qsd.chardev.socket import SocketChardev
 from qsd.errors import QMPError
@@ -92,7 +92,7 @@ def _make(chardev_id: str, backend: ChardevBackend, log: ChardevLog | None,
     if isinstance(backend, ChardevBackendVariantStdio):
         return StdioChardev(chardev_id, log)
     assert isinstance(backend, ChardevBackendVariantNull)
-    return Chardev(chardev_id, log)
+    return NullChardev(chardev_id, log)
 
 
 async def create_chardev(chardev_id: str, backend: ChardevBackend,

@@ -23,7 +23,7 @@ def _open(path: str, flags: int) -> int:
         raise QMPError(f"Could not open '{path}': {os.strerror(exc.errno or 0)}") from None
 
 
-class _DescriptorChardev(Chardev):
+class _DescriptorChardev(Chardev, qom_type="chardev-fd", abstract=True):
     def __init__(self, chardev_id: str, log: ChardevLog | None) -> None:
         super().__init__(chardev_id, log)
         self.in_fd: int | None = None
@@ -36,14 +36,22 @@ class _DescriptorChardev(Chardev):
         self._conn = FdConnection(self.in_fd, self.out_fd, self.log)
         self._task = asyncio.create_task(serve_once(self.frontend, self._conn))
 
-    async def close(self) -> None:
+    async def _stop_serving(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def detach(self) -> None:
+        await self._stop_serving()
+        await super().detach()
+
+    async def close(self) -> None:
+        await self._stop_serving()
         await super().close()
 
 
-class FileChardev(_DescriptorChardev):
+class FileChardev(_DescriptorChardev, qom_type="chardev-file"):
     def __init__(self, chardev_id: str, out: str, in_: str | None, append: bool,
                  log: ChardevLog | None) -> None:
         super().__init__(chardev_id, log)
@@ -74,7 +82,7 @@ class FileChardev(_DescriptorChardev):
         self.in_fd, self.out_fd = None, -1
 
 
-class StdioChardev(_DescriptorChardev):
+class StdioChardev(_DescriptorChardev, qom_type="chardev-stdio"):
     """The daemon's stdin and stdout; QEMU allows one such chardev at a time."""
 
     _in_use = False

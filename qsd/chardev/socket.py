@@ -17,7 +17,7 @@ import select
 import socket
 from collections.abc import Callable
 
-from qsd import sockets
+from qsd import qapi, sockets
 from qsd.chardev.base import Chardev, ChardevLog, StreamConnection, serve_once
 from qsd.errors import QMPError, error_report, info_report
 from qsd.qapi.generated import (
@@ -27,6 +27,7 @@ from qsd.qapi.generated import (
     SocketAddressVariantUnix,
     SocketAddressVariantVsock,
 )
+from qsd.qom.model import Property
 
 
 def _unix_name(name: str | bytes) -> str:
@@ -93,7 +94,17 @@ class _HangupWatch:
             self._epoll.close()
 
 
-class SocketChardev(Chardev):
+def _read_addr(chardev: SocketChardev) -> object:
+    return qapi.to_wire(chardev.addr)
+
+
+def _read_connected(chardev: SocketChardev) -> bool:
+    return chardev.connected
+
+
+class SocketChardev(Chardev, qom_type="chardev-socket", properties=(
+        Property("addr", "SocketAddress", get=_read_addr),
+        Property("connected", "bool", get=_read_connected))):
     def __init__(self, chardev_id: str, addr: SocketAddress, *, server: bool, wait: bool,
                  reconnect_ms: int, nodelay: bool, log: ChardevLog | None) -> None:
         super().__init__(chardev_id, log)
@@ -118,6 +129,10 @@ class SocketChardev(Chardev):
         if self._sock is not None:
             return self._connected_name
         return "disconnected:" + address_text(self.addr, self.server)
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
 
     async def open(self) -> None:
         if self.server:
@@ -215,6 +230,15 @@ class SocketChardev(Chardev):
         self._timer = None
         if self._sock is None and self._connecting is None and not self._closing:
             self._connect_in_background()
+
+    async def detach(self) -> None:
+        """The frontend's connection ends; a server listens again, and a client that
+        comes before the next frontend is accepted but not read (as with no frontend)."""
+        self._started = False
+        if self._serving is not None:
+            self._serving.cancel()
+            await asyncio.gather(self._serving, return_exceptions=True)
+        await super().detach()
 
     async def close(self) -> None:
         self._closing = True

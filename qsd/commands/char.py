@@ -26,7 +26,7 @@ async def chardev_add(daemon: Daemon, args: ChardevAddArgs) -> None:
                            "(type 'container')")
     except QMPError as exc:
         raise QMPError(f"Failed to add chardev '{args.id}': {exc.desc}") from None
-    daemon.chardevs.add(chardev)
+    daemon.chardevs.add_child(args.id, chardev)
 
 
 @command("chardev-remove")
@@ -36,10 +36,15 @@ async def chardev_remove(daemon: Daemon, args: ChardevRemoveArgs) -> None:
         raise QMPError(f"Chardev '{args.id}' not found")
     if chardev.frontend is not None:
         raise QMPError(f"Chardev '{args.id}' is busy")
-    daemon.chardevs.remove(args.id)
+    daemon.chardevs.remove_child(args.id)
     await chardev.close()
 
 
 @command("query-chardev")
 async def query_chardev(daemon: Daemon, args: None) -> list[dict[str, object]]:
-    return daemon.chardevs.query()
+    """QEMU builds the list by prepending while it walks /chardevs: the reverse of the
+    container's order."""
+    names = [name for name, _ in daemon.chardevs.qom_children()]
+    return [{"label": name, "filename": daemon.chardevs[name].filename(),
+             "frontend-open": daemon.chardevs[name].frontend is not None}
+            for name in reversed(names)]

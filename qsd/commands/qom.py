@@ -44,7 +44,8 @@ _TYPE_ORDER = (
     "authz-simple", "secret_common", "container", "interface", "iothread", "secret", "authz",
     "monitor", "tls-creds-psk", "tls-creds", "main-loop", "authz-list-file", "chardev-null",
     "authz-list", "monitor-qmp", "event-loop-base", "chardev-fd", "chardev", "user-creatable",
-    "chardev-socket", "chardev-stdio", "object", "tls-creds-x509", "throttle-group",
+    "chardev-socket", "chardev-stdio", "object", "tls-creds-x509", "chardev-file",
+    "throttle-group",
 )
 
 

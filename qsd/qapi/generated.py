@@ -209,6 +209,13 @@ class MonitorMode(enum.StrEnum):
     control = 'control'
 
 
+class MonitorQMPCloseAction(enum.StrEnum):
+    """QAPI enum MonitorQMPCloseAction."""
+
+    none = 'none'
+    delete = 'delete'
+
+
 class QCryptoTLSCredsEndpoint(enum.StrEnum):
     """QAPI enum QCryptoTLSCredsEndpoint."""
 
@@ -3004,6 +3011,7 @@ TYPES: dict[str, type] = {
     'VersionInfo': VersionInfo,
     'CommandInfo': CommandInfo,
     'MonitorMode': MonitorMode,
+    'MonitorQMPCloseAction': MonitorQMPCloseAction,
     'MonitorOptions': MonitorOptions,
     'QCryptoTLSCredsEndpoint': QCryptoTLSCredsEndpoint,
     'QCryptoSecretFormat': QCryptoSecretFormat,

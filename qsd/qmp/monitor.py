@@ -8,17 +8,20 @@ writer, so a message is never interleaved with another.
 from __future__ import annotations
 
 import asyncio
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import qsd
 from qsd.errors import QMPError
+from qsd.qapi.generated import MonitorQMPCloseAction
 from qsd.qmp.dispatch import Request, check_envelope, reply, run_command
 from qsd.qmp.encode import encode_message
 from qsd.qmp.jsonstream import JSONParseError, JSONStreamParser
 from qsd.qmp.session import current_session
+from qsd.qom.model import Property, QOMObject, read_enum, read_string, store
 
 if TYPE_CHECKING:
-    from qsd.chardev.base import Connection
+    from qsd.chardev.base import Chardev, Connection
     from qsd.daemon import Daemon
 
 def greeting() -> dict[str, object]:
@@ -108,14 +111,57 @@ class MonitorSession:
             self.send(message)
 
 
-class Monitor:
-    """A ``--monitor``: owns its chardev's frontend and the current session, if any."""
+class MonitorBase(QOMObject, qom_type="monitor", abstract=True,
+                  interfaces=("user-creatable",), properties=(
+                      Property("chardev", "str", get=read_string("chardev_id"),
+                               set=store("chardev_id")),)):
+    """What QEMU's monitors share: the chardev they serve (looked up on completion;
+    changing the property later does not move the monitor)."""
 
-    def __init__(self, daemon: Daemon, monitor_id: str | None, pretty: bool) -> None:
+    chardev_id = ""
+
+
+class Monitor(MonitorBase, qom_type="monitor-qmp", properties=(
+        Property("pretty", "bool", get=attrgetter("pretty"), set=store("pretty")),
+        Property("close-action", "MonitorQMPCloseAction", get=read_enum("close_action"),
+                 set=store("close_action")))):
+    """A QMP monitor (``--monitor``), in /objects: owns its chardev's frontend and the
+    current session, if any. close-action is kept but, as in QEMU, only what it was when
+    the monitor was created counts: always ``none`` for a ``--monitor``."""
+
+    def __init__(self, daemon: Daemon, chardev_id: str, pretty: bool) -> None:
         self.daemon = daemon
-        self.id = monitor_id
+        self.chardev_id = chardev_id
         self.pretty = pretty
+        self.close_action = MonitorQMPCloseAction.none
+        self.chardev: Chardev | None = None
         self.session: MonitorSession | None = None
+        # Once deleted: the chardev being released (a connection to close).
+        self.released: asyncio.Task[None] | None = None
+
+    def complete(self) -> None:
+        chardev = self.daemon.chardevs.get(self.chardev_id)
+        if chardev is None:
+            raise QMPError(f'chardev "{self.chardev_id}" not found')
+        if chardev.frontend is not None:
+            raise QMPError(f"chardev '{self.chardev_id}' is already in use")
+        chardev.attach(self.serve_connection)
+        self.chardev = chardev
+        self.daemon.monitors.append(self)
+
+    def check_delete(self) -> None:
+        session = current_session.get(None)
+        if isinstance(session, MonitorSession) and session.monitor is self:
+            raise QMPError("Cannot delete the current QMP monitor")
+
+    def finalize(self) -> None:
+        """Stops serving: the chardev is free again. The client's connection ends (QEMU
+        keeps it open and no longer answers, which leaves the client hanging)."""
+        if self in self.daemon.monitors:
+            self.daemon.monitors.remove(self)
+        chardev, self.chardev = self.chardev, None
+        if chardev is not None:
+            self.released = asyncio.get_running_loop().create_task(chardev.detach())
 
     async def serve_connection(self, conn: Connection) -> None:
         session = MonitorSession(self, conn)

@@ -16,7 +16,7 @@ import importlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from qsd import qapi
 from qsd.errors import QMPError
@@ -179,7 +179,7 @@ class QOMObject:
 
     qom_class: ClassVar[ObjectClass]
 
-    qom_parent: Container | None = None
+    qom_parent: Container[Any] | None = None
     qom_name: str | None = None
 
     def __init_subclass__(cls, *, qom_type: str | None = None,
@@ -224,18 +224,22 @@ QOMObject.qom_class = register_type(ObjectClass("object", None, abstract=True, p
     Property("type", "str", get=lambda obj: obj.qom_class.name),)))
 
 
-class Container(QOMObject, Mapping[str, QOMObject], qom_type="container"):
-    """A node of the tree that only holds children ("/", "/objects", "/chardevs").
+C = TypeVar("C", bound=QOMObject)
+
+
+class Container(QOMObject, Mapping[str, C], qom_type="container"):
+    """A node of the tree that only holds children ("/", "/objects", "/chardevs"), of
+    type ``C``.
 
     Its mapping interface gives the children by name in creation order; the order QEMU
     lists them in is kept separately, since it depends on every addition and removal.
     """
 
     def __init__(self) -> None:
-        self._children: dict[str, QOMObject] = {}
+        self._children: dict[str, C] = {}
         self._order = GHashSet()
 
-    def add_child(self, name: str, child: QOMObject) -> None:
+    def add_child(self, name: str, child: C) -> None:
         if name in self._children or self.qom_class.find_property(name) is not None:
             raise QMPError(f"attempt to add duplicate property '{name}' to object "
                            f"(type '{self.qom_class.name}')")
@@ -244,13 +248,13 @@ class Container(QOMObject, Mapping[str, QOMObject], qom_type="container"):
         child.qom_parent = self
         child.qom_name = name
 
-    def remove_child(self, name: str) -> QOMObject:
+    def remove_child(self, name: str) -> C:
         child = self._children.pop(name)
         self._order.remove(name)
         child.qom_parent = None
         return child
 
-    def __getitem__(self, name: str) -> QOMObject:
+    def __getitem__(self, name: str) -> C:
         return self._children[name]
 
     def __iter__(self) -> Iterator[str]:

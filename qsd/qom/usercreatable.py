@@ -16,7 +16,7 @@ from qsd.qapi.hashorder import qdict_order
 from qsd.qom.model import Container, QOMObject, creatable_class
 
 
-def add_object(objects: Container, options: ObjectOptions) -> QOMObject:
+def add_object(objects: Container[QOMObject], options: ObjectOptions) -> QOMObject:
     qom_type = options.qom_type.value
     cls = creatable_class(qom_type)
     if cls is None:
@@ -38,7 +38,7 @@ def add_object(objects: Container, options: ObjectOptions) -> QOMObject:
     return obj
 
 
-def delete_object(objects: Container, object_id: str) -> None:
+def delete_object(objects: Container[QOMObject], object_id: str) -> None:
     obj = objects.get(object_id)
     if obj is None:
         raise QMPError(f"object '{object_id}' not found")
