@@ -40,18 +40,24 @@ def _set_os_thread_name(name: str) -> None:
         pass
 
 
-def _param(name: str, maximum: int | None = None) -> Callable[[EventLoopBase, int], None]:
+def _param(name: str, maximum: int | None = None, *, poll: bool = False
+           ) -> Callable[[Any, int], None]:
     """The setter QEMU's event loop objects share: a range check, then the new value
-    goes to the running loop (where a bad combination is refused, the value kept)."""
+    goes to the running loop (where a bad combination is refused, the value kept).
+    An iothread's polling parameters go there alone, so a thread pool size refused
+    earlier does not make them fail too."""
     attr = name.replace("-", "_")
 
-    def setter(obj: EventLoopBase, value: int) -> None:
+    def setter(obj: Any, value: int) -> None:
         if maximum is None:
             non_negative(name, value)
         else:
             non_negative(name, value, maximum)
         setattr(obj, attr, value)
-        obj.update_params()
+        if poll:
+            obj.update_poll_params()
+        else:
+            obj.update_params()
 
     return setter
 
@@ -90,13 +96,14 @@ class EventLoopBase(QOMObject, qom_type="event-loop-base", abstract=True,
 
 
 _IOTHREAD_PROPERTIES = (
-    Property("poll-max-ns", "int", get=attrgetter("poll_max_ns"), set=_param("poll-max-ns")),
+    Property("poll-max-ns", "int", get=attrgetter("poll_max_ns"),
+             set=_param("poll-max-ns", poll=True)),
     Property("poll-grow", "int", get=_or_default("poll_grow", _POLL_GROW_DEFAULT),
-             set=_param("poll-grow")),
+             set=_param("poll-grow", poll=True)),
     Property("poll-shrink", "int", get=_or_default("poll_shrink", _POLL_SHRINK_DEFAULT),
-             set=_param("poll-shrink")),
+             set=_param("poll-shrink", poll=True)),
     Property("poll-weight", "int", get=_or_default("poll_weight", _POLL_WEIGHT_DEFAULT),
-             set=_param("poll-weight", _POLL_WEIGHT_MAX)),
+             set=_param("poll-weight", _POLL_WEIGHT_MAX, poll=True)),
 )
 
 
@@ -138,9 +145,13 @@ class IOThread(EventLoopBase, qom_type="iothread", properties=_IOTHREAD_PROPERTI
         ready.wait()
         _by_context[id_of(ctx)] = self
 
-    def update_params(self) -> None:
+    def update_poll_params(self) -> None:
         if self._ctx is not None:
             self._ctx.poll_max_ns = self.poll_max_ns
+
+    def update_params(self) -> None:
+        if self._ctx is not None:
+            self.update_poll_params()
             self.check_thread_pool()
 
     def _run(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:

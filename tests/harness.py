@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,34 @@ class Monitor:
                     return event
             assert time.monotonic() < deadline, f"no {name}"
             self.events.append(json.loads(self.raw.recv_line()))
+
+
+def replay(argv: list[str], workdir: str, steps: Iterable[tuple[str, dict[str, Any]]]
+           ) -> list[str]:
+    """Starts a daemon (``argv`` plus a monitor on a socket in ``workdir``), sends each
+    step's command and returns the reply lines as the daemon wrote them (events left
+    out): the same steps played against QEMU's daemon record a golden file."""
+    path = Path(workdir) / "qmp.sock"
+    proc = subprocess.Popen([*argv, "--chardev", f"socket,id=m,path={path},server=on,wait=off",
+                             "--monitor", "chardev=m"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for_listener(path, proc, timeout=20)
+        monitor = RawMonitor(path)
+        try:
+            monitor.negotiate()
+            replies = []
+            for command, args in steps:
+                line = monitor.command(json.dumps({"execute": command, "arguments": args})
+                                       .encode())
+                while line.startswith(b'{"timestamp"'):
+                    line = monitor.recv_line()
+                replies.append(line.decode())
+            return replies
+        finally:
+            monitor.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if proc.stderr is not None:
+            proc.stderr.close()

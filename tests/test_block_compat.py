@@ -4,7 +4,7 @@
 temporary directory written as @TMP@ and generated node names as #blockN).  It was
 recorded by running this file as a script against QEMU's daemon::
 
-    python3 tests/test_block_compat.py --record -- qemu-storage-daemon
+    python3 -m tests.test_block_compat --record -- qemu-storage-daemon
 
 The steps cover null-co/null-aio sizes and latencies at and past their limits, raw's
 offset and size range checks, the virtual size of a 1000-byte image (QEMU counts in
@@ -19,15 +19,14 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.harness import QSD, replay
 
 if __name__ != "__main__":
     from tests.conftest import QsdFactory
@@ -84,38 +83,7 @@ def normalise(line: str, tmp: str) -> str:
 
 
 def play(argv: list[str], tmp: str) -> list[str]:
-    """Starts a daemon (``argv`` plus a monitor), plays STEPS, returns its replies."""
-    path = os.path.join(tmp, "qmp.sock")
-    proc = subprocess.Popen([*argv, "--chardev", f"socket,id=m,path={path},server=on,wait=off",
-                             "--monitor", "chardev=m"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(path):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not come up: {proc.stderr!r}")
-            time.sleep(0.02)
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(path)
-            f = sock.makefile("rwb")
-            f.readline()
-            f.write(b'{"execute": "qmp_capabilities"}\n')
-            f.flush()
-            f.readline()
-            replies = []
-            for command, args in steps(tmp):
-                f.write(json.dumps({"execute": command, "arguments": args}).encode() + b"\n")
-                f.flush()
-                line = f.readline().decode()
-                while line.startswith('{"timestamp"'):
-                    line = f.readline().decode()
-                replies.append(normalise(line.rstrip("\r\n"), tmp))
-        return replies
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        if proc.stderr is not None:
-            proc.stderr.close()
+    return [normalise(line, tmp) for line in replay(argv, tmp, steps(tmp))]
 
 
 @pytest.fixture
@@ -129,8 +97,6 @@ def tmp() -> Iterator[str]:
 
 
 def test_block_queries_match_qemu(tmp: str) -> None:
-    from tests.harness import QSD
-
     golden = GOLDEN.read_text().splitlines()
     ours = play(QSD, tmp)
     assert len(ours) == len(golden)
