@@ -6,19 +6,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEBIAN_PROGRAMS := fusermount3:fuse3 qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
 	fio:fio nbdinfo:libnbd-bin qemu-storage-daemon:qemu-system-common openssl:openssl \
-	qemu-system-x86_64:qemu-system-x86 busybox:busybox-static /boot/vmlinuz-*:linux-image-amd64
-DEBIAN_PYTHON_MODULES := nbd:python3-libnbd ensurepip:python3-venv
+	qemu-system-x86_64:qemu-system-x86 busybox:busybox-static /boot/vmlinuz-*:linux-image-amd64 \
+	ceph-mon:ceph-mon ceph-mgr:ceph-mgr ceph-osd:ceph-osd rbd:ceph-common
+DEBIAN_PYTHON_MODULES := nbd:python3-libnbd ensurepip:python3-venv rados:python3-rados rbd:python3-rbd
 
 .PHONY: run test test-py314 fuzz lint iotests bench stress-throttle deps venv clean
 
 deps:
 	@scripts/install-debian-deps $(DEBIAN_PROGRAMS) -- $(DEBIAN_PYTHON_MODULES)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/link-debian-modules
 	@test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[test]'
 	@scripts/install-libnbd-binding $(PY)
+	@scripts/link-debian-modules $(PY) rados rbd
 	@touch $@
 
 venv: deps $(STAMP)
