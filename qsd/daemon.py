@@ -36,12 +36,12 @@ class EventSink(Protocol):
 
 class Daemon:
     def __init__(self) -> None:
-        self.graph = BlockGraph()
-        self.exports = ExportRegistry(self)
         # The QOM tree: user-creatable objects live in /objects, by id.
         self.qom_root: Container[QOMObject] = Container()
         self.objects: Container[QOMObject] = Container()
         self.chardevs: Container[Chardev] = Container()
+        self.graph = BlockGraph(self.objects)
+        self.exports = ExportRegistry(self)
         for name, container in (("objects", self.objects), ("chardevs", self.chardevs),
                                 ("backend", Container()), ("audiodevs", Container())):
             self.qom_root.add_child(name, container)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 from qsd.aio import AioContext, main_context
@@ -68,7 +68,9 @@ class _TemporaryUser(ChildParent):
 class BlockGraph:
     """All block nodes and BlockBackends of the daemon."""
 
-    def __init__(self) -> None:
+    def __init__(self, objects: Mapping[str, object] | None = None) -> None:
+        # The daemon's /objects, where drivers look up the secrets they are named.
+        self.objects: Mapping[str, object] = objects if objects is not None else {}
         self.nodes: dict[str, BlockNode] = {}      # QEMU's graph_bdrv_states order
         self.backends: list[GraphUser] = []        # QEMU's block_backends order
         self.lock = drain.GraphLock()
@@ -443,6 +445,10 @@ class _Opener:
         self._created = created
         self._resolved: dict[int, BlockNode] = {}
         self.ctx: AioContext | None = None
+
+    @property
+    def objects(self) -> Mapping[str, object]:
+        return self._graph.objects
 
     async def resolve(self, ref: Any) -> BlockNode:
         """A BlockdevRef: a node-name reference or a nested definition (a model, or the

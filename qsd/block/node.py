@@ -23,7 +23,7 @@ import errno
 import itertools
 import json
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 from qsd.block.limits import BDRV_MAX_LENGTH, BDRV_SECTOR_SIZE, BlockLimits
@@ -148,7 +148,11 @@ class ChildParent(Protocol):
 
 
 class ChildOpener(Protocol):
-    """What a driver's ``open`` uses to get its children (implemented by the graph)."""
+    """What a driver's ``open`` uses to get its children (implemented by the graph), and
+    the daemon's ``objects`` (by id) for the secrets a driver is named."""
+
+    @property
+    def objects(self) -> Mapping[str, object]: ...
 
     async def open_child(self, parent: BlockNode, ref: Any, name: str,
                          role: ChildRole) -> Child:
@@ -295,7 +299,8 @@ class BlockNode(ChildParent):
         return os.path.dirname(self.exact_filename())
 
     def allocated_size(self) -> int:
-        """Bytes the image occupies on its storage (query: actual-size)."""
+        """Bytes the image occupies on its storage (query: actual-size), or a negative
+        errno where the storage cannot tell (QEMU's -ENOTSUP: no actual-size then)."""
         primary = self.primary_child()
         return primary.node.allocated_size() if primary is not None else 0
 
@@ -313,6 +318,10 @@ class BlockNode(ChildParent):
     def format_specific(self) -> dict[str, object] | None:
         """QAPI ImageInfoSpecific, for drivers that have something to say."""
         return None
+
+    def snapshot_list(self) -> list[dict[str, object]]:
+        """The image's internal snapshots as QAPI SnapshotInfo (query: snapshots)."""
+        return []
 
     # ---- the driver's part: permissions --------------------------------------------------
 

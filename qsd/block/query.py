@@ -24,8 +24,13 @@ def image_info(node: BlockNode, flat: bool) -> dict[str, object]:
     }
     if node.has_info():
         image.update(node.get_info())
-    image["actual-size"] = node.allocated_size()
+    allocated = node.allocated_size()
+    if allocated >= 0:
+        image["actual-size"] = allocated
     image["virtual-size"] = node.length()
+    snapshots = node.snapshot_list()
+    if snapshots:
+        image["snapshots"] = snapshots
     if node.backing_file:
         image["backing-filename"] = node.backing_file
         image["full-backing-filename"] = node.full_backing_filename()

@@ -26,6 +26,14 @@ class QAuthZListFormat(enum.StrEnum):
     glob = 'glob'
 
 
+class RbdImageEncryptionFormat(enum.StrEnum):
+    """QAPI enum RbdImageEncryptionFormat."""
+
+    luks = 'luks'
+    luks2 = 'luks2'
+    luks_any = 'luks-any'
+
+
 class Qcow2CompressionType(enum.StrEnum):
     """QAPI enum Qcow2CompressionType."""
 
@@ -44,6 +52,7 @@ class ImageInfoSpecificKind(enum.StrEnum):
     """QAPI enum ImageInfoSpecificKind."""
 
     qcow2 = 'qcow2'
+    rbd = 'rbd'
     file = 'file'
 
 
@@ -103,7 +112,15 @@ class BlockdevDriver(enum.StrEnum):
     null_co = 'null-co'
     qcow2 = 'qcow2'
     raw = 'raw'
+    rbd = 'rbd'
     throttle = 'throttle'
+
+
+class RbdAuthMode(enum.StrEnum):
+    """QAPI enum RbdAuthMode."""
+
+    cephx = 'cephx'
+    none = 'none'
 
 
 class Qcow2OverlapCheckMode(enum.StrEnum):
@@ -339,6 +356,16 @@ class ImageInfoSpecificFile(_base.QAPIModel):
     )
 
 
+class ImageInfoSpecificRbd(_base.QAPIModel):
+    """QAPI struct ImageInfoSpecificRbd."""
+
+    encryption_format: RbdImageEncryptionFormat | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('encryption-format', 'encryption_format', 'RbdImageEncryptionFormat', True),
+    )
+
+
 class Qcow2BitmapInfo(_base.QAPIModel):
     """QAPI struct Qcow2BitmapInfo."""
 
@@ -389,6 +416,16 @@ class ImageInfoSpecificQCow2Wrapper(_base.QAPIModel):
     )
 
 
+class ImageInfoSpecificRbdWrapper(_base.QAPIModel):
+    """QAPI struct ImageInfoSpecificRbdWrapper."""
+
+    data: ImageInfoSpecificRbd
+
+    __qapi_members__ = (
+        _base.MemberSpec('data', 'data', 'ImageInfoSpecificRbd', False),
+    )
+
+
 class ImageInfoSpecificFileWrapper(_base.QAPIModel):
     """QAPI struct ImageInfoSpecificFileWrapper."""
 
@@ -419,6 +456,18 @@ class ImageInfoSpecificVariantQcow2(ImageInfoSpecific, ImageInfoSpecificQCow2Wra
     __qapi_members__ = (
         _base.MemberSpec('type', 'type', 'ImageInfoSpecificKind', False),
         _base.MemberSpec('data', 'data', 'ImageInfoSpecificQCow2', False),
+    )
+
+
+class ImageInfoSpecificVariantRbd(ImageInfoSpecific, ImageInfoSpecificRbdWrapper):
+    """ImageInfoSpecific with type 'rbd'."""
+
+    type: ImageInfoSpecificKind
+    data: ImageInfoSpecificRbd
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'ImageInfoSpecificKind', False),
+        _base.MemberSpec('data', 'data', 'ImageInfoSpecificRbd', False),
     )
 
 
@@ -812,6 +861,123 @@ class BlockdevOptionsThrottle(_base.QAPIModel):
     )
 
 
+class RbdEncryptionOptionsLUKSBase(_base.QAPIModel):
+    """QAPI struct RbdEncryptionOptionsLUKSBase."""
+
+    key_secret: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+    )
+
+
+class RbdEncryptionOptionsLUKS(RbdEncryptionOptionsLUKSBase):
+    """QAPI struct RbdEncryptionOptionsLUKS."""
+
+    __qapi_members__ = (
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+    )
+
+
+class RbdEncryptionOptionsLUKS2(RbdEncryptionOptionsLUKSBase):
+    """QAPI struct RbdEncryptionOptionsLUKS2."""
+
+    __qapi_members__ = (
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+    )
+
+
+class RbdEncryptionOptionsLUKSAny(RbdEncryptionOptionsLUKSBase):
+    """QAPI struct RbdEncryptionOptionsLUKSAny."""
+
+    __qapi_members__ = (
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+    )
+
+
+class RbdEncryptionOptions(_base.QAPIModel):
+    """QAPI union RbdEncryptionOptions: a value is one of its Variant classes."""
+
+    format: RbdImageEncryptionFormat
+    parent: RbdEncryptionOptions | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'RbdImageEncryptionFormat', False),
+        _base.MemberSpec('parent', 'parent', 'RbdEncryptionOptions', True),
+    )
+    __qapi_tag__ = 'format'
+
+
+class RbdEncryptionOptionsVariantLuks(RbdEncryptionOptions, RbdEncryptionOptionsLUKS):
+    """RbdEncryptionOptions with format 'luks'."""
+
+    format: RbdImageEncryptionFormat
+    parent: RbdEncryptionOptions | None = None
+    key_secret: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'RbdImageEncryptionFormat', False),
+        _base.MemberSpec('parent', 'parent', 'RbdEncryptionOptions', True),
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+    )
+
+
+class RbdEncryptionOptionsVariantLuks2(RbdEncryptionOptions, RbdEncryptionOptionsLUKS2):
+    """RbdEncryptionOptions with format 'luks2'."""
+
+    format: RbdImageEncryptionFormat
+    parent: RbdEncryptionOptions | None = None
+    key_secret: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'RbdImageEncryptionFormat', False),
+        _base.MemberSpec('parent', 'parent', 'RbdEncryptionOptions', True),
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+    )
+
+
+class RbdEncryptionOptionsVariantLuksAny(RbdEncryptionOptions, RbdEncryptionOptionsLUKSAny):
+    """RbdEncryptionOptions with format 'luks-any'."""
+
+    format: RbdImageEncryptionFormat
+    parent: RbdEncryptionOptions | None = None
+    key_secret: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'RbdImageEncryptionFormat', False),
+        _base.MemberSpec('parent', 'parent', 'RbdEncryptionOptions', True),
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+    )
+
+
+class BlockdevOptionsRbd(_base.QAPIModel):
+    """QAPI struct BlockdevOptionsRbd."""
+
+    pool: builtins.str
+    namespace: builtins.str | None = None
+    image: builtins.str
+    conf: builtins.str | None = None
+    snapshot: builtins.str | None = None
+    encrypt: RbdEncryptionOptions | None = None
+    user: builtins.str | None = None
+    auth_client_required: list[RbdAuthMode] | None = None
+    key_secret: builtins.str | None = None
+    server: list[InetSocketAddressBase] | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('pool', 'pool', 'str', False),
+        _base.MemberSpec('namespace', 'namespace', 'str', True),
+        _base.MemberSpec('image', 'image', 'str', False),
+        _base.MemberSpec('conf', 'conf', 'str', True),
+        _base.MemberSpec('snapshot', 'snapshot', 'str', True),
+        _base.MemberSpec('encrypt', 'encrypt', 'RbdEncryptionOptions', True),
+        _base.MemberSpec('user', 'user', 'str', True),
+        _base.MemberSpec('auth-client-required', 'auth_client_required', '[RbdAuthMode]', True),
+        _base.MemberSpec('key-secret', 'key_secret', 'str', True),
+        _base.MemberSpec('server', 'server', '[InetSocketAddressBase]', True),
+    )
+
+
 class BlockdevOptionsGenericFormat(_base.QAPIModel):
     """QAPI struct BlockdevOptionsGenericFormat."""
 
@@ -1181,6 +1347,52 @@ class BlockdevOptionsVariantRaw(BlockdevOptions, BlockdevOptionsRaw):
         _base.MemberSpec('file', 'file', 'BlockdevRef', False),
         _base.MemberSpec('offset', 'offset', 'int', True),
         _base.MemberSpec('size', 'size', 'int', True),
+    )
+
+
+class BlockdevOptionsVariantRbd(BlockdevOptions, BlockdevOptionsRbd):
+    """BlockdevOptions with driver 'rbd'."""
+
+    driver: BlockdevDriver
+    node_name: builtins.str | None = None
+    discard: BlockdevDiscardOptions | None = None
+    cache: BlockdevCacheOptions | None = None
+    active: builtins.bool | None = None
+    read_only: builtins.bool | None = None
+    auto_read_only: builtins.bool | None = None
+    force_share: builtins.bool | None = None
+    detect_zeroes: BlockdevDetectZeroesOptions | None = None
+    pool: builtins.str
+    namespace: builtins.str | None = None
+    image: builtins.str
+    conf: builtins.str | None = None
+    snapshot: builtins.str | None = None
+    encrypt: RbdEncryptionOptions | None = None
+    user: builtins.str | None = None
+    auth_client_required: list[RbdAuthMode] | None = None
+    key_secret: builtins.str | None = None
+    server: list[InetSocketAddressBase] | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('node-name', 'node_name', 'str', True),
+        _base.MemberSpec('discard', 'discard', 'BlockdevDiscardOptions', True),
+        _base.MemberSpec('cache', 'cache', 'BlockdevCacheOptions', True),
+        _base.MemberSpec('active', 'active', 'bool', True),
+        _base.MemberSpec('read-only', 'read_only', 'bool', True),
+        _base.MemberSpec('auto-read-only', 'auto_read_only', 'bool', True),
+        _base.MemberSpec('force-share', 'force_share', 'bool', True),
+        _base.MemberSpec('detect-zeroes', 'detect_zeroes', 'BlockdevDetectZeroesOptions', True),
+        _base.MemberSpec('pool', 'pool', 'str', False),
+        _base.MemberSpec('namespace', 'namespace', 'str', True),
+        _base.MemberSpec('image', 'image', 'str', False),
+        _base.MemberSpec('conf', 'conf', 'str', True),
+        _base.MemberSpec('snapshot', 'snapshot', 'str', True),
+        _base.MemberSpec('encrypt', 'encrypt', 'RbdEncryptionOptions', True),
+        _base.MemberSpec('user', 'user', 'str', True),
+        _base.MemberSpec('auth-client-required', 'auth_client_required', '[RbdAuthMode]', True),
+        _base.MemberSpec('key-secret', 'key_secret', 'str', True),
+        _base.MemberSpec('server', 'server', '[InetSocketAddressBase]', True),
     )
 
 
@@ -2891,9 +3103,10 @@ StrOrNull: typing.TypeAlias = typing.Union[builtins.str, None]
 BlockExportIothreads: typing.TypeAlias = typing.Union[builtins.str, list[builtins.str]]
 
 
-ImageInfoSpecific.__qapi_variants__ = {'qcow2': ImageInfoSpecificVariantQcow2, 'file': ImageInfoSpecificVariantFile}
+ImageInfoSpecific.__qapi_variants__ = {'qcow2': ImageInfoSpecificVariantQcow2, 'rbd': ImageInfoSpecificVariantRbd, 'file': ImageInfoSpecificVariantFile}
+RbdEncryptionOptions.__qapi_variants__ = {'luks': RbdEncryptionOptionsVariantLuks, 'luks2': RbdEncryptionOptionsVariantLuks2, 'luks-any': RbdEncryptionOptionsVariantLuksAny}
 BlockdevQcow2Encryption.__qapi_variants__ = {'aes': BlockdevQcow2EncryptionVariantAes, 'luks': BlockdevQcow2EncryptionVariantLuks}
-BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'throttle': BlockdevOptionsVariantThrottle}
+BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
 SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet, 'unix': SocketAddressLegacyVariantUnix, 'vsock': SocketAddressLegacyVariantVsock, 'fd': SocketAddressLegacyVariantFd}
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'vhost-user-blk': BlockExportOptionsVariantVhostUserBlk, 'fuse': BlockExportOptionsVariantFuse}
@@ -2912,12 +3125,15 @@ TYPES: dict[str, type] = {
     'AuthZSimpleProperties': AuthZSimpleProperties,
     'BlockDirtyBitmap': BlockDirtyBitmap,
     'ImageInfoSpecificFile': ImageInfoSpecificFile,
+    'RbdImageEncryptionFormat': RbdImageEncryptionFormat,
+    'ImageInfoSpecificRbd': ImageInfoSpecificRbd,
     'Qcow2CompressionType': Qcow2CompressionType,
     'Qcow2BitmapInfoFlags': Qcow2BitmapInfoFlags,
     'Qcow2BitmapInfo': Qcow2BitmapInfo,
     'ImageInfoSpecificQCow2': ImageInfoSpecificQCow2,
     'ImageInfoSpecificQCow2Wrapper': ImageInfoSpecificQCow2Wrapper,
     'ImageInfoSpecificKind': ImageInfoSpecificKind,
+    'ImageInfoSpecificRbdWrapper': ImageInfoSpecificRbdWrapper,
     'ImageInfoSpecificFileWrapper': ImageInfoSpecificFileWrapper,
     'ImageInfoSpecific': ImageInfoSpecific,
     'SnapshotInfo': SnapshotInfo,
@@ -2945,6 +3161,13 @@ TYPES: dict[str, type] = {
     'BlockdevOptionsFile': BlockdevOptionsFile,
     'BlockdevOptionsNull': BlockdevOptionsNull,
     'BlockdevOptionsThrottle': BlockdevOptionsThrottle,
+    'RbdAuthMode': RbdAuthMode,
+    'RbdEncryptionOptionsLUKSBase': RbdEncryptionOptionsLUKSBase,
+    'RbdEncryptionOptionsLUKS': RbdEncryptionOptionsLUKS,
+    'RbdEncryptionOptionsLUKS2': RbdEncryptionOptionsLUKS2,
+    'RbdEncryptionOptionsLUKSAny': RbdEncryptionOptionsLUKSAny,
+    'RbdEncryptionOptions': RbdEncryptionOptions,
+    'BlockdevOptionsRbd': BlockdevOptionsRbd,
     'BlockdevOptionsGenericFormat': BlockdevOptionsGenericFormat,
     'BlockdevOptionsGenericCOWFormat': BlockdevOptionsGenericCOWFormat,
     'Qcow2OverlapCheckMode': Qcow2OverlapCheckMode,

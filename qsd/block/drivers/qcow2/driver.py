@@ -1503,6 +1503,8 @@ class Qcow2Node(BlockNode):
         assert rc is not None and file is not None
         cs = self.header.cluster_size
         real = file.node.allocated_size() // cs
+        if real < 0:
+            return False         # the file cannot tell
         threshold = max(real * 10 // 9, real + 2)
         total = -(-file.node.length() // cs)
         used = 0
