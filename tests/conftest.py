@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib.util
 import shutil
 import subprocess
 import tempfile
@@ -15,6 +17,9 @@ import pytest
 from qsd.aio import set_main_context
 from qsd.block.graph import BlockGraph
 from tests.harness import Qsd, fuse_mounts
+
+ROOT = Path(__file__).resolve().parent.parent
+CEPH_PROGRAMS = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph", "rbd")
 
 
 class QsdFactory(Protocol):
@@ -56,3 +61,33 @@ async def graph() -> AsyncIterator[BlockGraph]:
     g = BlockGraph()
     yield g
     await g.close_all()
+
+
+@dataclasses.dataclass(frozen=True)
+class CephCluster:
+    """A running test cluster: clients name ``conf``; the pool ``rbd`` exists."""
+
+    conf: Path
+
+    def rbd(self, *args: str) -> str:
+        """Runs Ceph's rbd tool against the cluster; its stdout."""
+        return subprocess.run(["rbd", "-c", str(self.conf), *args], check=True,
+                              capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[CephCluster]:
+    """One single-node Ceph cluster for the session (scripts/ceph-test-cluster), where
+    Debian's Ceph packages and Python bindings are installed; stopped by PID at the end."""
+    missing = [name for name in CEPH_PROGRAMS if shutil.which(name) is None]
+    missing += [name for name in ("rados", "rbd") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"Ceph is not installed here (missing {', '.join(missing)})")
+    path = Path(tempfile.mkdtemp(prefix="qsd-ceph-", dir="/tmp"))
+    script = ROOT / "scripts" / "ceph-test-cluster"
+    try:
+        subprocess.run([script, "start", path], check=True, timeout=300)
+        yield CephCluster(path / "ceph.conf")
+    finally:
+        subprocess.run([script, "stop", path], check=False, timeout=120)
+        shutil.rmtree(path, ignore_errors=True)
