@@ -19,7 +19,7 @@ import errno
 import importlib
 import os
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from qsd.block.node import (
@@ -74,6 +74,80 @@ def _settle(future: asyncio.Future[tuple[int, Any]], ret: int, data: Any) -> Non
         future.set_result((ret, data))
 
 
+def _configure(rados: types.ModuleType, options: BlockdevOptionsRbd,
+               objects: Mapping[str, object], cache: bool) -> Any:
+    """rados_create() and the configuration: the conf file, the monitors, the key, the
+    authentication modes, librbd's cache."""
+    try:
+        cluster = rados.Rados(rados_id=options.user)
+    except rados.Error as exc:
+        raise _failed("error initializing", exc) from None
+    try:
+        try:
+            cluster.conf_read_file(options.conf)
+        except rados.Error as exc:
+            # Without conf the default places are tried, and their absence ignored.
+            if options.conf is not None:
+                raise _failed(f"error reading conf file {options.conf}", exc) from None
+        if options.server:
+            hosts = ";".join(f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+                             for s in options.server)
+            try:
+                cluster.conf_set("mon_host", hosts)
+            except rados.Error as exc:
+                raise _failed("Could not set 'mon_host'", exc) from None
+        if options.key_secret is not None:
+            key = base64.b64encode(lookup_secret(objects, options.key_secret))
+            try:
+                cluster.conf_set("key", key.decode("ascii"))
+            except rados.Error as exc:
+                raise _failed("Could not set 'key'", exc) from None
+        if options.auth_client_required is not None:
+            modes = ";".join(str(mode.value) for mode in options.auth_client_required)
+            try:
+                cluster.conf_set("auth_client_required", modes)
+            except rados.Error as exc:
+                raise _failed("Could not set 'auth_client_required'", exc) from None
+        cluster.conf_set("rbd_cache", "true" if cache else "false")
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
+async def connect(options: BlockdevOptionsRbd, objects: Mapping[str, object],
+                  cache: bool) -> tuple[Any, Any]:
+    """QEMU's qemu_rbd_connect(): the cluster connection and the context of the pool
+    (and namespace) ``options`` name, with QEMU's texts for each failure."""
+    rados, rbd = _bindings()
+    cluster = _configure(rados, options, objects, cache)
+    ioctx = None
+    try:
+        try:
+            await in_pool(cluster.connect)
+        except Exception as exc:
+            raise _failed("error connecting", exc) from None
+        try:
+            ioctx = await in_pool(cluster.open_ioctx, options.pool)
+        except Exception as exc:
+            raise _failed(f"error opening pool {options.pool}", exc) from None
+        namespace = options.namespace or ""
+        if namespace:
+            try:
+                exists = await in_pool(rbd.RBD().namespace_exists, ioctx, namespace)
+            except rbd.Error as exc:
+                raise _failed("error checking namespace", exc) from None
+            if not exists:
+                raise QMPError(f"namespace '{namespace}' does not exist")
+        ioctx.set_namespace(namespace)
+    except BaseException:
+        if ioctx is not None:
+            ioctx.close()
+        cluster.shutdown()
+        raise
+    return cluster, ioctx
+
+
 @register("rbd", options=BlockdevOptionsRbd)
 class RbdNode(BlockNode):
     is_protocol = True
@@ -90,11 +164,10 @@ class RbdNode(BlockNode):
 
     async def open(self, options: BlockdevOptionsRbd, children: ChildOpener) -> None:
         """qemu_rbd_open(): connect, open the image, check it; QEMU's texts and order."""
-        rados, rbd = _bindings()
-        self.rbd = rbd
-        self.cluster = self._configure(rados, options, children.objects)
+        rbd = self.rbd = _bindings()[1]
+        self.cluster, self.ioctx = await connect(options, children.objects,
+                                                 cache=not self.opts.cache_direct)
         try:
-            await self._connect(rbd, options)
             self.image_name = options.image
             self.snapshot = options.snapshot
             try:
@@ -118,67 +191,6 @@ class RbdNode(BlockNode):
         except BaseException:
             self.close()
             raise
-
-    def _configure(self, rados: types.ModuleType, options: BlockdevOptionsRbd,
-                   objects: Any) -> Any:
-        """rados_create() and the configuration: the conf file, the monitors, the key,
-        the authentication modes, the cache (off for cache.direct, as in QEMU)."""
-        try:
-            cluster = rados.Rados(rados_id=options.user)
-        except rados.Error as exc:
-            raise _failed("error initializing", exc) from None
-        try:
-            try:
-                cluster.conf_read_file(options.conf)
-            except rados.Error as exc:
-                # Without conf the default places are tried, and their absence ignored.
-                if options.conf is not None:
-                    raise _failed(f"error reading conf file {options.conf}", exc) from None
-            if options.server:
-                hosts = ";".join(f"[{s.host}]:{s.port}" if ":" in s.host
-                                 else f"{s.host}:{s.port}" for s in options.server)
-                try:
-                    cluster.conf_set("mon_host", hosts)
-                except rados.Error as exc:
-                    # QEMU has no text of its own here: the block layer's generic one.
-                    raise _failed(f"Could not open '{self.filename}'", exc) from None
-            if options.key_secret is not None:
-                key = base64.b64encode(lookup_secret(objects, options.key_secret))
-                try:
-                    cluster.conf_set("key", key.decode("ascii"))
-                except rados.Error as exc:
-                    raise _failed("Could not set 'key'", exc) from None
-            if options.auth_client_required is not None:
-                modes = ";".join(str(mode.value) for mode in options.auth_client_required)
-                try:
-                    cluster.conf_set("auth_client_required", modes)
-                except rados.Error as exc:
-                    raise _failed("Could not set 'auth_client_required'", exc) from None
-            cluster.conf_set("rbd_cache", "false" if self.opts.cache_direct else "true")
-        except BaseException:
-            cluster.shutdown()
-            raise
-        return cluster
-
-    async def _connect(self, rbd: types.ModuleType, options: BlockdevOptionsRbd) -> None:
-        """rados_connect(), the pool's context and the namespace in it."""
-        try:
-            await in_pool(self.cluster.connect)
-        except Exception as exc:
-            raise _failed("error connecting", exc) from None
-        try:
-            self.ioctx = await in_pool(self.cluster.open_ioctx, options.pool)
-        except Exception as exc:
-            raise _failed(f"error opening pool {options.pool}", exc) from None
-        namespace = options.namespace or ""
-        if namespace:
-            try:
-                exists = await in_pool(rbd.RBD().namespace_exists, self.ioctx, namespace)
-            except rbd.Error as exc:
-                raise _failed("error checking namespace", exc) from None
-            if not exists:
-                raise QMPError(f"namespace '{namespace}' does not exist")
-        self.ioctx.set_namespace(namespace)
 
     def close(self) -> None:
         """rbd_close() writes back librbd's cache; then the pool context and the cluster
