@@ -1,8 +1,9 @@
 """The daemon's state and its orderly shutdown.
 
 Everything a command can create lives here, so shutdown can take it apart in QEMU's order:
-exports first (their events still reach the monitors), then the NBD server, block nodes,
-the objects (iothreads stop), and last the monitors and their chardevs.
+exports first (their events still reach the monitors), then jobs (cancelled and waited
+for), the NBD server, block nodes, the objects (iothreads stop), and last the monitors and
+their chardevs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from qsd.block.graph import BlockGraph
 from qsd.chardev.base import Chardev
 from qsd.export.registry import ExportRegistry
 from qsd.iothread import IOThread
+from qsd.job.core import JobRegistry
 from qsd.qmp.encode import event_message
 from qsd.qom.model import Container, QOMObject
 
@@ -42,6 +44,7 @@ class Daemon:
         self.chardevs: Container[Chardev] = Container()
         self.graph = BlockGraph(self.objects)
         self.exports = ExportRegistry(self)
+        self.jobs = JobRegistry(self.emit_event)
         for name, container in (("objects", self.objects), ("chardevs", self.chardevs),
                                 ("backend", Container()), ("audiodevs", Container())):
             self.qom_root.add_child(name, container)
@@ -92,7 +95,8 @@ class Daemon:
         others = self.running_commands - {asyncio.current_task()}
         if others:
             await asyncio.wait(others, timeout=COMMAND_GRACE_SECONDS)
-        for step in (self.close_exports, self._stop_nbd_server, self.graph.close_all,
+        for step in (self.close_exports, self.jobs.cancel_all, self._stop_nbd_server,
+                     self.graph.close_all,
                      self._finalize_objects, self._close_chardevs):
             try:
                 await step()

@@ -6,7 +6,8 @@ the optional ones exactly where 11.1.3 has them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from qsd.block.node import BlockNode, Child
 from qsd.block.permissions import qapi_perm_list
@@ -89,9 +90,18 @@ def query_named_block_nodes(graph: BlockGraph, flat: bool = False) -> list[dict[
     return [block_device_info(n, flat) for n in reversed(graph.opened_nodes())]
 
 
-def x_debug_query_block_graph(graph: BlockGraph) -> dict[str, object]:
-    """XDbgBlockGraph with QEMU's numbering: backends, then nodes in creation order;
-    ids are assigned on first sight and both lists come out reversed (prepended)."""
+class GraphJob(Protocol):
+    """A block job as the debug graph shows it: its id and its edges into nodes."""
+
+    id: str | None
+    nodes: list[Child]
+
+
+def x_debug_query_block_graph(graph: BlockGraph, jobs: Sequence[GraphJob] = ()
+                              ) -> dict[str, object]:
+    """XDbgBlockGraph with QEMU's numbering: backends, block jobs (newest first), then
+    nodes in creation order; ids are assigned on first sight and both lists come out
+    reversed (prepended)."""
     ids: dict[int, int] = {}
     nodes: list[dict[str, object]] = []
     edges: list[dict[str, object]] = []
@@ -109,6 +119,9 @@ def x_debug_query_block_graph(graph: BlockGraph) -> dict[str, object]:
     for blk in graph.backends:
         nodes.append({"id": num(blk), "type": "block-backend", "name": ""})
         add_edges(blk, [blk.root] if blk.root is not None else [])
+    for job in jobs:
+        nodes.append({"id": num(job), "type": "block-job", "name": job.id or ""})
+        add_edges(job, job.nodes)
     for node in graph.opened_nodes():
         nodes.append({"id": num(node), "type": "block-driver", "name": node.node_name})
         add_edges(node, node.children)

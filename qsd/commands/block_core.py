@@ -9,9 +9,17 @@ from qsd.block import query
 from qsd.block.graph import users
 from qsd.commands.registry import command
 from qsd.errors import QMPError
+from qsd.job.block_job import block_jobs, find_block_job
 from qsd.qapi.generated import (
     BlockdevDelArgs,
     BlockdevOptions,
+    BlockJobCancelArgs,
+    BlockJobCompleteArgs,
+    BlockJobDismissArgs,
+    BlockJobFinalizeArgs,
+    BlockJobPauseArgs,
+    BlockJobResumeArgs,
+    BlockJobSetSpeedArgs,
     BlockResizeArgs,
     QueryBlockArgs,
     QueryNamedBlockNodesArgs,
@@ -50,7 +58,7 @@ async def block_resize(daemon: Daemon, args: BlockResizeArgs) -> None:
 
 @command("x-debug-query-block-graph")
 async def x_debug_query_block_graph(daemon: Daemon, args: None) -> object:
-    return query.x_debug_query_block_graph(daemon.graph)
+    return query.x_debug_query_block_graph(daemon.graph, block_jobs(daemon.jobs))
 
 
 @command("x-blockdev-set-iothread")
@@ -69,3 +77,50 @@ async def x_blockdev_set_iothread(daemon: Daemon, args: XBlockdevSetIothreadArgs
     else:
         ctx = main_context()
     await daemon.graph.set_aio_context(node, ctx)
+
+
+# ---- block jobs (the job-* commands in commands/job.py do the same by job id) ------------
+
+
+@command("query-block-jobs")
+async def query_block_jobs(daemon: Daemon, args: None) -> object:
+    return [job.query() for job in block_jobs(daemon.jobs) if job.id is not None]
+
+
+@command("block-job-set-speed")
+async def block_job_set_speed(daemon: Daemon, args: BlockJobSetSpeedArgs) -> None:
+    find_block_job(daemon.jobs, args.device).set_speed(args.speed)
+
+
+@command("block-job-cancel")
+async def block_job_cancel(daemon: Daemon, args: BlockJobCancelArgs) -> None:
+    job = find_block_job(daemon.jobs, args.device)
+    force = bool(args.force)
+    if job.user_paused and not force:
+        raise QMPError(f"The block job for device '{args.device}' is currently paused")
+    await job.user_cancel(force)
+
+
+@command("block-job-pause")
+async def block_job_pause(daemon: Daemon, args: BlockJobPauseArgs) -> None:
+    find_block_job(daemon.jobs, args.device).user_pause()
+
+
+@command("block-job-resume")
+async def block_job_resume(daemon: Daemon, args: BlockJobResumeArgs) -> None:
+    find_block_job(daemon.jobs, args.device).user_resume_command()
+
+
+@command("block-job-complete")
+async def block_job_complete(daemon: Daemon, args: BlockJobCompleteArgs) -> None:
+    find_block_job(daemon.jobs, args.device).complete()
+
+
+@command("block-job-finalize")
+async def block_job_finalize(daemon: Daemon, args: BlockJobFinalizeArgs) -> None:
+    await find_block_job(daemon.jobs, args.id).finalize()
+
+
+@command("block-job-dismiss")
+async def block_job_dismiss(daemon: Daemon, args: BlockJobDismissArgs) -> None:
+    find_block_job(daemon.jobs, args.id).dismiss()

@@ -41,8 +41,9 @@ async def query_qmp_schema(daemon: Daemon, args: None) -> list[dict[str, object]
 
 @command("quit")
 async def quit_(daemon: Daemon, args: None) -> None:
-    # QEMU's daemon announces the shutdown and deletes its exports (sending their events)
-    # before the reply goes out, then exits once the reply was written.
+    # QEMU's daemon announces the shutdown, deletes its exports and cancels its jobs
+    # (sending their events) before the reply goes out, then exits once it was written.
     daemon.announce_shutdown("host-qmp-quit")
     await daemon.close_exports()
+    await daemon.jobs.cancel_all()
     asyncio.get_running_loop().call_soon(daemon.request_shutdown, "host-qmp-quit")

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "control",
     "char",
     "qom",
+    "job",
     "block_core",
     "block_export",
     "nbd",

@@ -89,6 +89,24 @@ class BlockPermission(enum.StrEnum):
     resize = 'resize'
 
 
+class BlockErrorAction(enum.StrEnum):
+    """QAPI enum BlockErrorAction."""
+
+    ignore = 'ignore'
+    report = 'report'
+    stop = 'stop'
+
+
+class BlockdevOnError(enum.StrEnum):
+    """QAPI enum BlockdevOnError."""
+
+    report = 'report'
+    ignore = 'ignore'
+    enospc = 'enospc'
+    stop = 'stop'
+    auto = 'auto'
+
+
 class BlockdevDiscardOptions(enum.StrEnum):
     """QAPI enum BlockdevDiscardOptions."""
 
@@ -160,6 +178,49 @@ class OnOffSplit(enum.StrEnum):
     on = 'on'
     off = 'off'
     split_ = 'split'
+
+
+class JobType(enum.StrEnum):
+    """QAPI enum JobType."""
+
+    commit = 'commit'
+    stream = 'stream'
+    mirror = 'mirror'
+    backup = 'backup'
+    create = 'create'
+    amend = 'amend'
+    snapshot_load = 'snapshot-load'
+    snapshot_save = 'snapshot-save'
+    snapshot_delete = 'snapshot-delete'
+
+
+class JobStatus(enum.StrEnum):
+    """QAPI enum JobStatus."""
+
+    undefined = 'undefined'
+    created = 'created'
+    running = 'running'
+    paused = 'paused'
+    ready = 'ready'
+    standby = 'standby'
+    waiting = 'waiting'
+    pending = 'pending'
+    aborting = 'aborting'
+    concluded = 'concluded'
+    null = 'null'
+
+
+class JobVerb(enum.StrEnum):
+    """QAPI enum JobVerb."""
+
+    cancel = 'cancel'
+    pause = 'pause'
+    resume = 'resume'
+    set_speed = 'set-speed'
+    complete = 'complete'
+    dismiss = 'dismiss'
+    finalize = 'finalize'
+    change = 'change'
 
 
 class NetworkAddressFamily(enum.StrEnum):
@@ -798,6 +859,243 @@ class BlockResizeArgs(_base.QAPIModel):
         _base.MemberSpec('device', 'device', 'str', True),
         _base.MemberSpec('node-name', 'node_name', 'str', True),
         _base.MemberSpec('size', 'size', 'int', False),
+    )
+
+
+class BlockJobInfoMirror(_base.QAPIModel):
+    """QAPI struct BlockJobInfoMirror."""
+
+    actively_synced: builtins.bool
+
+    __qapi_members__ = (
+        _base.MemberSpec('actively-synced', 'actively_synced', 'bool', False),
+    )
+
+
+class BlockJobInfo(_base.QAPIModel):
+    """QAPI union BlockJobInfo: a value is one of its Variant classes."""
+
+    type: JobType
+    device: builtins.str
+    len: builtins.int
+    offset: builtins.int
+    busy: builtins.bool
+    paused: builtins.bool
+    speed: builtins.int
+    io_status: BlockDeviceIoStatus
+    ready: builtins.bool
+    status: JobStatus
+    auto_finalize: builtins.bool
+    auto_dismiss: builtins.bool
+    error: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'JobType', False),
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('len', 'len', 'int', False),
+        _base.MemberSpec('offset', 'offset', 'int', False),
+        _base.MemberSpec('busy', 'busy', 'bool', False),
+        _base.MemberSpec('paused', 'paused', 'bool', False),
+        _base.MemberSpec('speed', 'speed', 'int', False),
+        _base.MemberSpec('io-status', 'io_status', 'BlockDeviceIoStatus', False),
+        _base.MemberSpec('ready', 'ready', 'bool', False),
+        _base.MemberSpec('status', 'status', 'JobStatus', False),
+        _base.MemberSpec('auto-finalize', 'auto_finalize', 'bool', False),
+        _base.MemberSpec('auto-dismiss', 'auto_dismiss', 'bool', False),
+        _base.MemberSpec('error', 'error', 'str', True),
+    )
+    __qapi_tag__ = 'type'
+
+
+class BlockJobInfoVariantMirror(BlockJobInfo, BlockJobInfoMirror):
+    """BlockJobInfo with type 'mirror'."""
+
+    type: JobType
+    device: builtins.str
+    len: builtins.int
+    offset: builtins.int
+    busy: builtins.bool
+    paused: builtins.bool
+    speed: builtins.int
+    io_status: BlockDeviceIoStatus
+    ready: builtins.bool
+    status: JobStatus
+    auto_finalize: builtins.bool
+    auto_dismiss: builtins.bool
+    error: builtins.str | None = None
+    actively_synced: builtins.bool
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'JobType', False),
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('len', 'len', 'int', False),
+        _base.MemberSpec('offset', 'offset', 'int', False),
+        _base.MemberSpec('busy', 'busy', 'bool', False),
+        _base.MemberSpec('paused', 'paused', 'bool', False),
+        _base.MemberSpec('speed', 'speed', 'int', False),
+        _base.MemberSpec('io-status', 'io_status', 'BlockDeviceIoStatus', False),
+        _base.MemberSpec('ready', 'ready', 'bool', False),
+        _base.MemberSpec('status', 'status', 'JobStatus', False),
+        _base.MemberSpec('auto-finalize', 'auto_finalize', 'bool', False),
+        _base.MemberSpec('auto-dismiss', 'auto_dismiss', 'bool', False),
+        _base.MemberSpec('error', 'error', 'str', True),
+        _base.MemberSpec('actively-synced', 'actively_synced', 'bool', False),
+    )
+
+
+class BlockJobSetSpeedArgs(_base.QAPIModel):
+    """QAPI arguments of BlockJobSetSpeedArgs."""
+
+    device: builtins.str
+    speed: builtins.int
+
+    __qapi_members__ = (
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('speed', 'speed', 'int', False),
+    )
+
+
+class BlockJobCancelArgs(_base.QAPIModel):
+    """QAPI arguments of BlockJobCancelArgs."""
+
+    device: builtins.str
+    force: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('force', 'force', 'bool', True),
+    )
+
+
+class BlockJobPauseArgs(_base.QAPIModel):
+    """QAPI arguments of BlockJobPauseArgs."""
+
+    device: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('device', 'device', 'str', False),
+    )
+
+
+class BlockJobResumeArgs(_base.QAPIModel):
+    """QAPI arguments of BlockJobResumeArgs."""
+
+    device: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('device', 'device', 'str', False),
+    )
+
+
+class BlockJobCompleteArgs(_base.QAPIModel):
+    """QAPI arguments of BlockJobCompleteArgs."""
+
+    device: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('device', 'device', 'str', False),
+    )
+
+
+class BlockJobDismissArgs(_base.QAPIModel):
+    """QAPI arguments of BlockJobDismissArgs."""
+
+    id: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('id', 'id', 'str', False),
+    )
+
+
+class BlockJobFinalizeArgs(_base.QAPIModel):
+    """QAPI arguments of BlockJobFinalizeArgs."""
+
+    id: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('id', 'id', 'str', False),
+    )
+
+
+class BlockJobCompletedEvent(_base.QAPIModel):
+    """QAPI arguments of BlockJobCompletedEvent."""
+
+    type: JobType
+    device: builtins.str
+    len: builtins.int
+    offset: builtins.int
+    speed: builtins.int
+    error: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'JobType', False),
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('len', 'len', 'int', False),
+        _base.MemberSpec('offset', 'offset', 'int', False),
+        _base.MemberSpec('speed', 'speed', 'int', False),
+        _base.MemberSpec('error', 'error', 'str', True),
+    )
+
+
+class BlockJobCancelledEvent(_base.QAPIModel):
+    """QAPI arguments of BlockJobCancelledEvent."""
+
+    type: JobType
+    device: builtins.str
+    len: builtins.int
+    offset: builtins.int
+    speed: builtins.int
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'JobType', False),
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('len', 'len', 'int', False),
+        _base.MemberSpec('offset', 'offset', 'int', False),
+        _base.MemberSpec('speed', 'speed', 'int', False),
+    )
+
+
+class BlockJobErrorEvent(_base.QAPIModel):
+    """QAPI arguments of BlockJobErrorEvent."""
+
+    device: builtins.str
+    operation: IoOperationType
+    action: BlockErrorAction
+
+    __qapi_members__ = (
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('operation', 'operation', 'IoOperationType', False),
+        _base.MemberSpec('action', 'action', 'BlockErrorAction', False),
+    )
+
+
+class BlockJobReadyEvent(_base.QAPIModel):
+    """QAPI arguments of BlockJobReadyEvent."""
+
+    type: JobType
+    device: builtins.str
+    len: builtins.int
+    offset: builtins.int
+    speed: builtins.int
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'JobType', False),
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('len', 'len', 'int', False),
+        _base.MemberSpec('offset', 'offset', 'int', False),
+        _base.MemberSpec('speed', 'speed', 'int', False),
+    )
+
+
+class BlockJobPendingEvent(_base.QAPIModel):
+    """QAPI arguments of BlockJobPendingEvent."""
+
+    type: JobType
+    id: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'JobType', False),
+        _base.MemberSpec('id', 'id', 'str', False),
     )
 
 
@@ -1493,6 +1791,98 @@ class ThrottleLimits(_base.QAPIModel):
         _base.MemberSpec('bps-write-max', 'bps_write_max', 'int', True),
         _base.MemberSpec('bps-write-max-length', 'bps_write_max_length', 'int', True),
         _base.MemberSpec('iops-size', 'iops_size', 'int', True),
+    )
+
+
+class JobStatusChangeEvent(_base.QAPIModel):
+    """QAPI arguments of JobStatusChangeEvent."""
+
+    id: builtins.str
+    status: JobStatus
+
+    __qapi_members__ = (
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('status', 'status', 'JobStatus', False),
+    )
+
+
+class JobPauseArgs(_base.QAPIModel):
+    """QAPI arguments of JobPauseArgs."""
+
+    id: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('id', 'id', 'str', False),
+    )
+
+
+class JobResumeArgs(_base.QAPIModel):
+    """QAPI arguments of JobResumeArgs."""
+
+    id: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('id', 'id', 'str', False),
+    )
+
+
+class JobCancelArgs(_base.QAPIModel):
+    """QAPI arguments of JobCancelArgs."""
+
+    id: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('id', 'id', 'str', False),
+    )
+
+
+class JobCompleteArgs(_base.QAPIModel):
+    """QAPI arguments of JobCompleteArgs."""
+
+    id: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('id', 'id', 'str', False),
+    )
+
+
+class JobDismissArgs(_base.QAPIModel):
+    """QAPI arguments of JobDismissArgs."""
+
+    id: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('id', 'id', 'str', False),
+    )
+
+
+class JobFinalizeArgs(_base.QAPIModel):
+    """QAPI arguments of JobFinalizeArgs."""
+
+    id: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('id', 'id', 'str', False),
+    )
+
+
+class JobInfo(_base.QAPIModel):
+    """QAPI struct JobInfo."""
+
+    id: builtins.str
+    type: JobType
+    status: JobStatus
+    current_progress: builtins.int
+    total_progress: builtins.int
+    error: builtins.str | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('id', 'id', 'str', False),
+        _base.MemberSpec('type', 'type', 'JobType', False),
+        _base.MemberSpec('status', 'status', 'JobStatus', False),
+        _base.MemberSpec('current-progress', 'current_progress', 'int', False),
+        _base.MemberSpec('total-progress', 'total_progress', 'int', False),
+        _base.MemberSpec('error', 'error', 'str', True),
     )
 
 
@@ -3104,6 +3494,7 @@ BlockExportIothreads: typing.TypeAlias = typing.Union[builtins.str, list[builtin
 
 
 ImageInfoSpecific.__qapi_variants__ = {'qcow2': ImageInfoSpecificVariantQcow2, 'rbd': ImageInfoSpecificVariantRbd, 'file': ImageInfoSpecificVariantFile}
+BlockJobInfo.__qapi_variants__ = {'mirror': BlockJobInfoVariantMirror}
 RbdEncryptionOptions.__qapi_variants__ = {'luks': RbdEncryptionOptionsVariantLuks, 'luks2': RbdEncryptionOptionsVariantLuks2, 'luks-any': RbdEncryptionOptionsVariantLuksAny}
 BlockdevQcow2Encryption.__qapi_variants__ = {'aes': BlockdevQcow2EncryptionVariantAes, 'luks': BlockdevQcow2EncryptionVariantLuks}
 BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
@@ -3154,6 +3545,22 @@ TYPES: dict[str, type] = {
     'XDbgBlockGraphEdge': XDbgBlockGraphEdge,
     'XDbgBlockGraph': XDbgBlockGraph,
     'BlockResizeArgs': BlockResizeArgs,
+    'BlockErrorAction': BlockErrorAction,
+    'BlockdevOnError': BlockdevOnError,
+    'BlockJobInfoMirror': BlockJobInfoMirror,
+    'BlockJobInfo': BlockJobInfo,
+    'BlockJobSetSpeedArgs': BlockJobSetSpeedArgs,
+    'BlockJobCancelArgs': BlockJobCancelArgs,
+    'BlockJobPauseArgs': BlockJobPauseArgs,
+    'BlockJobResumeArgs': BlockJobResumeArgs,
+    'BlockJobCompleteArgs': BlockJobCompleteArgs,
+    'BlockJobDismissArgs': BlockJobDismissArgs,
+    'BlockJobFinalizeArgs': BlockJobFinalizeArgs,
+    'BlockJobCompletedEvent': BlockJobCompletedEvent,
+    'BlockJobCancelledEvent': BlockJobCancelledEvent,
+    'BlockJobErrorEvent': BlockJobErrorEvent,
+    'BlockJobReadyEvent': BlockJobReadyEvent,
+    'BlockJobPendingEvent': BlockJobPendingEvent,
     'BlockdevDiscardOptions': BlockdevDiscardOptions,
     'BlockdevAioOptions': BlockdevAioOptions,
     'BlockdevCacheOptions': BlockdevCacheOptions,
@@ -3185,6 +3592,17 @@ TYPES: dict[str, type] = {
     'IoOperationType': IoOperationType,
     'OnOffAuto': OnOffAuto,
     'OnOffSplit': OnOffSplit,
+    'JobType': JobType,
+    'JobStatus': JobStatus,
+    'JobVerb': JobVerb,
+    'JobStatusChangeEvent': JobStatusChangeEvent,
+    'JobPauseArgs': JobPauseArgs,
+    'JobResumeArgs': JobResumeArgs,
+    'JobCancelArgs': JobCancelArgs,
+    'JobCompleteArgs': JobCompleteArgs,
+    'JobDismissArgs': JobDismissArgs,
+    'JobFinalizeArgs': JobFinalizeArgs,
+    'JobInfo': JobInfo,
     'NetworkAddressFamily': NetworkAddressFamily,
     'InetSocketAddressBase': InetSocketAddressBase,
     'InetSocketAddress': InetSocketAddress,
@@ -3289,10 +3707,25 @@ ALTERNATES: dict[str, tuple[tuple[str, str], ...]] = {
 
 #: Every command, in schema order.
 COMMANDS: dict[str, _base.CommandInfo] = {
+    'job-pause': _base.CommandInfo('job-pause', 'JobPauseArgs', False, False, None, ()),
+    'job-resume': _base.CommandInfo('job-resume', 'JobResumeArgs', False, False, None, ()),
+    'job-cancel': _base.CommandInfo('job-cancel', 'JobCancelArgs', False, False, None, ()),
+    'job-complete': _base.CommandInfo('job-complete', 'JobCompleteArgs', False, False, None, ()),
+    'job-dismiss': _base.CommandInfo('job-dismiss', 'JobDismissArgs', False, False, None, ()),
+    'job-finalize': _base.CommandInfo('job-finalize', 'JobFinalizeArgs', False, False, None, ()),
+    'query-jobs': _base.CommandInfo('query-jobs', None, False, False, '[JobInfo]', ()),
     'query-block': _base.CommandInfo('query-block', 'QueryBlockArgs', False, False, '[BlockInfo]', ()),
     'query-named-block-nodes': _base.CommandInfo('query-named-block-nodes', 'QueryNamedBlockNodesArgs', False, False, '[BlockDeviceInfo]', ()),
     'x-debug-query-block-graph': _base.CommandInfo('x-debug-query-block-graph', None, False, False, 'XDbgBlockGraph', ('unstable',)),
     'block_resize': _base.CommandInfo('block_resize', 'BlockResizeArgs', False, False, None, ()),
+    'query-block-jobs': _base.CommandInfo('query-block-jobs', None, False, False, '[BlockJobInfo]', ()),
+    'block-job-set-speed': _base.CommandInfo('block-job-set-speed', 'BlockJobSetSpeedArgs', False, False, None, ()),
+    'block-job-cancel': _base.CommandInfo('block-job-cancel', 'BlockJobCancelArgs', False, False, None, ()),
+    'block-job-pause': _base.CommandInfo('block-job-pause', 'BlockJobPauseArgs', False, False, None, ('deprecated',)),
+    'block-job-resume': _base.CommandInfo('block-job-resume', 'BlockJobResumeArgs', False, False, None, ('deprecated',)),
+    'block-job-complete': _base.CommandInfo('block-job-complete', 'BlockJobCompleteArgs', False, False, None, ('deprecated',)),
+    'block-job-dismiss': _base.CommandInfo('block-job-dismiss', 'BlockJobDismissArgs', False, False, None, ('deprecated',)),
+    'block-job-finalize': _base.CommandInfo('block-job-finalize', 'BlockJobFinalizeArgs', False, False, None, ('deprecated',)),
     'blockdev-add': _base.CommandInfo('blockdev-add', 'BlockdevOptions', True, False, None, ()),
     'blockdev-del': _base.CommandInfo('blockdev-del', 'BlockdevDelArgs', False, False, None, ()),
     'x-blockdev-set-iothread': _base.CommandInfo('x-blockdev-set-iothread', 'XBlockdevSetIothreadArgs', False, False, None, ('unstable',)),
@@ -3323,5 +3756,11 @@ COMMANDS: dict[str, _base.CommandInfo] = {
 
 #: Every event with the class of its data (None: no data).
 EVENTS: dict[str, str | None] = {
+    'JOB_STATUS_CHANGE': 'JobStatusChangeEvent',
+    'BLOCK_JOB_COMPLETED': 'BlockJobCompletedEvent',
+    'BLOCK_JOB_CANCELLED': 'BlockJobCancelledEvent',
+    'BLOCK_JOB_ERROR': 'BlockJobErrorEvent',
+    'BLOCK_JOB_READY': 'BlockJobReadyEvent',
+    'BLOCK_JOB_PENDING': 'BlockJobPendingEvent',
     'BLOCK_EXPORT_DELETED': 'BlockExportDeletedEvent',
 }
