@@ -8,11 +8,17 @@ declares itself::
     class NullNode(BlockNode): ...
 
 The node class says everything else about the driver (class attributes, ``open``, the
-``do_*`` primitives it supports, ``child_perm``, ``driver_limits``).  A lookup imports
-the module named after the driver (``null-co`` lives in ``null.py``), and the whole
-package only when that finds nothing, so a command line loads just the drivers it uses;
-adding a driver touches only its module and the QAPI schema; tests register drivers of
-their own the same way.  A driver that opens
+``do_*`` primitives it supports, ``child_perm``, ``driver_limits``).  A driver that can
+make new images (``blockdev-create``) also names its creation function::
+
+    @register("file", options=BlockdevOptionsFile, create=create_file)
+
+which gets the validated branch of BlockdevCreateOptions and the graph (to open the
+nodes it writes to) and raises QMPError with QEMU's text when creation fails.  A lookup
+imports the module named after the driver (``null-co`` lives in ``null.py``), and the
+whole package only when that finds nothing, so a command line loads just the drivers it
+uses; adding a driver touches only its module and the QAPI schema; tests register drivers
+of their own the same way.  A driver that opens
 children it defines itself (a backing file named in an image header) passes their
 options to ``children.open_child`` in wire form, as a dict.
 """
@@ -22,37 +28,42 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from qsd.block.node import BlockNode
 
 N = TypeVar("N", bound=type[BlockNode])
+# Makes an image from a BlockdevCreateOptions branch and the BlockGraph (QEMU's
+# bdrv_co_create); typed loosely here because the graph imports this module.
+Creator = Callable[[Any, Any], Awaitable[None]]
 
 _DRIVER_PACKAGE = "qsd.block.drivers"
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockDriver:
-    """One registered driver (QEMU's BlockDriver): its name, its node class and the
-    QAPI model of its options."""
+    """One registered driver (QEMU's BlockDriver): its name, its node class, the QAPI
+    model of its options and, for drivers that make images, how."""
 
     name: str
     node_class: type[BlockNode]
     options: type
+    create: Creator | None = None
 
 
 _drivers: dict[str, BlockDriver] = {}
 _loaded = False
 
 
-def register(*names: str, options: type) -> Callable[[N], N]:
+def register(*names: str, options: type, create: Creator | None = None
+             ) -> Callable[[N], N]:
     """Class decorator: the class implements the drivers ``names``."""
     def apply(cls: N) -> N:
         for name in names:
             if name in _drivers and _drivers[name].node_class is not cls:
                 raise ValueError(f"block driver {name!r} registered twice")
-            _drivers[name] = BlockDriver(name, cls, options)
+            _drivers[name] = BlockDriver(name, cls, options, create)
         return cls
     return apply
 

@@ -10,7 +10,9 @@ from qsd.block.graph import users
 from qsd.commands.registry import command
 from qsd.errors import QMPError
 from qsd.job.block_job import block_jobs, find_block_job
+from qsd.job.create import blockdev_create as start_blockdev_create
 from qsd.qapi.generated import (
+    BlockdevCreateArgs,
     BlockdevDelArgs,
     BlockdevOptions,
     BlockJobCancelArgs,
@@ -38,6 +40,11 @@ async def blockdev_add(daemon: Daemon, args: BlockdevOptions) -> None:
 @command("blockdev-del")
 async def blockdev_del(daemon: Daemon, args: BlockdevDelArgs) -> None:
     await daemon.graph.blockdev_del(args.node_name)
+
+
+@command("blockdev-create")
+async def blockdev_create(daemon: Daemon, args: BlockdevCreateArgs) -> None:
+    await start_blockdev_create(daemon.jobs, daemon.graph, args.job_id, args.options)
 
 
 @command("query-named-block-nodes")

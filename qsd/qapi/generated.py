@@ -157,6 +157,15 @@ class BlockdevQcow2EncryptionFormat(enum.StrEnum):
     luks = 'luks'
 
 
+class PreallocMode(enum.StrEnum):
+    """QAPI enum PreallocMode."""
+
+    off = 'off'
+    metadata = 'metadata'
+    falloc = 'falloc'
+    full = 'full'
+
+
 class IoOperationType(enum.StrEnum):
     """QAPI enum IoOperationType."""
 
@@ -1731,6 +1740,67 @@ class BlockdevDelArgs(_base.QAPIModel):
 
     __qapi_members__ = (
         _base.MemberSpec('node-name', 'node_name', 'str', False),
+    )
+
+
+class BlockdevCreateOptionsFile(_base.QAPIModel):
+    """QAPI struct BlockdevCreateOptionsFile."""
+
+    filename: builtins.str
+    size: builtins.int
+    preallocation: PreallocMode | None = None
+    nocow: builtins.bool | None = None
+    extent_size_hint: builtins.int | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('filename', 'filename', 'str', False),
+        _base.MemberSpec('size', 'size', 'size', False),
+        _base.MemberSpec('preallocation', 'preallocation', 'PreallocMode', True),
+        _base.MemberSpec('nocow', 'nocow', 'bool', True),
+        _base.MemberSpec('extent-size-hint', 'extent_size_hint', 'size', True),
+    )
+
+
+class BlockdevCreateOptions(_base.QAPIModel):
+    """QAPI union BlockdevCreateOptions: a value is one of its Variant classes."""
+
+    driver: BlockdevDriver
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+    )
+    __qapi_tag__ = 'driver'
+
+
+class BlockdevCreateOptionsVariantFile(BlockdevCreateOptions, BlockdevCreateOptionsFile):
+    """BlockdevCreateOptions with driver 'file'."""
+
+    driver: BlockdevDriver
+    filename: builtins.str
+    size: builtins.int
+    preallocation: PreallocMode | None = None
+    nocow: builtins.bool | None = None
+    extent_size_hint: builtins.int | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('filename', 'filename', 'str', False),
+        _base.MemberSpec('size', 'size', 'size', False),
+        _base.MemberSpec('preallocation', 'preallocation', 'PreallocMode', True),
+        _base.MemberSpec('nocow', 'nocow', 'bool', True),
+        _base.MemberSpec('extent-size-hint', 'extent_size_hint', 'size', True),
+    )
+
+
+class BlockdevCreateArgs(_base.QAPIModel):
+    """QAPI arguments of BlockdevCreateArgs."""
+
+    job_id: builtins.str
+    options: BlockdevCreateOptions
+
+    __qapi_members__ = (
+        _base.MemberSpec('job-id', 'job_id', 'str', False),
+        _base.MemberSpec('options', 'options', 'BlockdevCreateOptions', False),
     )
 
 
@@ -3498,6 +3568,7 @@ BlockJobInfo.__qapi_variants__ = {'mirror': BlockJobInfoVariantMirror}
 RbdEncryptionOptions.__qapi_variants__ = {'luks': RbdEncryptionOptionsVariantLuks, 'luks2': RbdEncryptionOptionsVariantLuks2, 'luks-any': RbdEncryptionOptionsVariantLuksAny}
 BlockdevQcow2Encryption.__qapi_variants__ = {'aes': BlockdevQcow2EncryptionVariantAes, 'luks': BlockdevQcow2EncryptionVariantLuks}
 BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
+BlockdevCreateOptions.__qapi_variants__ = {'file': BlockdevCreateOptionsVariantFile}
 SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet, 'unix': SocketAddressLegacyVariantUnix, 'vsock': SocketAddressLegacyVariantVsock, 'fd': SocketAddressLegacyVariantFd}
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'vhost-user-blk': BlockExportOptionsVariantVhostUserBlk, 'fuse': BlockExportOptionsVariantFuse}
@@ -3587,6 +3658,10 @@ TYPES: dict[str, type] = {
     'BlockdevOptionsRaw': BlockdevOptionsRaw,
     'BlockdevOptions': BlockdevOptions,
     'BlockdevDelArgs': BlockdevDelArgs,
+    'PreallocMode': PreallocMode,
+    'BlockdevCreateOptionsFile': BlockdevCreateOptionsFile,
+    'BlockdevCreateOptions': BlockdevCreateOptions,
+    'BlockdevCreateArgs': BlockdevCreateArgs,
     'XBlockdevSetIothreadArgs': XBlockdevSetIothreadArgs,
     'ThrottleLimits': ThrottleLimits,
     'IoOperationType': IoOperationType,
@@ -3728,6 +3803,7 @@ COMMANDS: dict[str, _base.CommandInfo] = {
     'block-job-finalize': _base.CommandInfo('block-job-finalize', 'BlockJobFinalizeArgs', False, False, None, ('deprecated',)),
     'blockdev-add': _base.CommandInfo('blockdev-add', 'BlockdevOptions', True, False, None, ()),
     'blockdev-del': _base.CommandInfo('blockdev-del', 'BlockdevDelArgs', False, False, None, ()),
+    'blockdev-create': _base.CommandInfo('blockdev-create', 'BlockdevCreateArgs', False, False, None, ()),
     'x-blockdev-set-iothread': _base.CommandInfo('x-blockdev-set-iothread', 'XBlockdevSetIothreadArgs', False, False, None, ('unstable',)),
     'nbd-server-start': _base.CommandInfo('nbd-server-start', 'NbdServerStartArgs', False, False, None, ()),
     'nbd-server-add': _base.CommandInfo('nbd-server-add', 'NbdServerAddOptions', True, False, None, ('deprecated',)),
