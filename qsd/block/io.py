@@ -368,6 +368,8 @@ async def truncate(child: Child, length: int, exact: bool = False,
     node = child.node
     if length < 0:
         raise OSError(errno.EINVAL, "Image size cannot be negative")
+    if length > BDRV_MAX_LENGTH:
+        raise OSError(errno.EINVAL, f"offset({length}) exceeds maximum({BDRV_MAX_LENGTH})")
     if node.read_only:
         raise OSError(errno.EACCES, "Image is read-only")
     next(node.requests_started)
