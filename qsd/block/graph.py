@@ -17,9 +17,10 @@ with I/O drain the affected nodes first and only then take the graph write lock 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from typing import Any, Protocol
 
 from qsd.aio import AioContext, main_context
@@ -337,6 +338,45 @@ class BlockGraph:
             _unref_ctx(node.ctx)
         node.close()
 
+    @contextlib.asynccontextmanager
+    async def blockdev_ref(self, ref: Any) -> AsyncIterator[BlockNode]:
+        """A node to work on for a while (QEMU's bdrv_open_blockdev_ref() and the
+        bdrv_unref() that ends the use): a node-name reference is looked up; a definition
+        (a BlockdevOptions model, or its wire form) is opened as blockdev-add would open
+        it and closed again, with what it created, when the block ends.
+
+        A coroutine of QEMU's opens it by scheduling the open in the main loop and
+        yielding until then, so a job that does this lets its command reply first."""
+        await asyncio.sleep(0)
+        if isinstance(ref, str):
+            node = self.find_node(ref)
+            if node is None:
+                raise QMPError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            yield node
+            return
+        opts = parse_type("BlockdevOptions", ref) if isinstance(ref, dict) else ref
+        created: list[BlockNode] = []
+        try:
+            async with self.changing:
+                node = await self.open_node(opts, None, created)
+            yield node
+        finally:
+            async with self.changing:
+                for n in reversed(created):
+                    await self._destroy(n)
+
+    @contextlib.contextmanager
+    def temporary_user(self, node: BlockNode, perm: int, shared: int = PERM_ALL
+                       ) -> Iterator[Child]:
+        """An edge into ``node`` for a command's own requests while the block runs
+        (QEMU's blk_new_with_bs() ... blk_unref()); QMPError if permissions clash."""
+        child = self.attach_child(_TemporaryUser(), node, "root",
+                                  ChildRole.FILTERED | ChildRole.PRIMARY, perm, shared)
+        try:
+            yield child
+        finally:
+            self.detach_child(child)
+
     # ---- blockdev-del --------------------------------------------------------------------
 
     async def blockdev_del(self, node_name: str) -> None:
@@ -405,10 +445,7 @@ class BlockGraph:
                            f"node-name='{node_name or ''}'")
         if size < 0:
             raise QMPError("Parameter 'size' expects a >0 size")
-        child = self.attach_child(_TemporaryUser(), node, "root",
-                                  ChildRole.FILTERED | ChildRole.PRIMARY,
-                                  PERM_RESIZE, PERM_ALL)
-        try:
+        with self.temporary_user(node, PERM_RESIZE) as child:
             async with drain.drained(self.lock, [node]):
                 if node.read_only:
                     raise QMPError("Image is read-only")
@@ -416,8 +453,6 @@ class BlockGraph:
                     await io.truncate(child, size, False, "off")
                 except OSError as exc:
                     raise QMPError(str(exc.strerror)) from exc
-        finally:
-            self.detach_child(child)
 
     # ---- shutdown ------------------------------------------------------------------------
 

@@ -166,6 +166,13 @@ class PreallocMode(enum.StrEnum):
     full = 'full'
 
 
+class BlockdevQcow2Version(enum.StrEnum):
+    """QAPI enum BlockdevQcow2Version."""
+
+    v2 = 'v2'
+    v3 = 'v3'
+
+
 class IoOperationType(enum.StrEnum):
     """QAPI enum IoOperationType."""
 
@@ -1761,6 +1768,40 @@ class BlockdevCreateOptionsFile(_base.QAPIModel):
     )
 
 
+class BlockdevCreateOptionsQcow2(_base.QAPIModel):
+    """QAPI struct BlockdevCreateOptionsQcow2."""
+
+    file: BlockdevRef
+    data_file: BlockdevRef | None = None
+    data_file_raw: builtins.bool | None = None
+    extended_l2: builtins.bool | None = None
+    size: builtins.int
+    version: BlockdevQcow2Version | None = None
+    backing_file: builtins.str | None = None
+    backing_fmt: BlockdevDriver | None = None
+    cluster_size: builtins.int | None = None
+    preallocation: PreallocMode | None = None
+    lazy_refcounts: builtins.bool | None = None
+    refcount_bits: builtins.int | None = None
+    compression_type: Qcow2CompressionType | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('file', 'file', 'BlockdevRef', False),
+        _base.MemberSpec('data-file', 'data_file', 'BlockdevRef', True),
+        _base.MemberSpec('data-file-raw', 'data_file_raw', 'bool', True),
+        _base.MemberSpec('extended-l2', 'extended_l2', 'bool', True),
+        _base.MemberSpec('size', 'size', 'size', False),
+        _base.MemberSpec('version', 'version', 'BlockdevQcow2Version', True),
+        _base.MemberSpec('backing-file', 'backing_file', 'str', True),
+        _base.MemberSpec('backing-fmt', 'backing_fmt', 'BlockdevDriver', True),
+        _base.MemberSpec('cluster-size', 'cluster_size', 'size', True),
+        _base.MemberSpec('preallocation', 'preallocation', 'PreallocMode', True),
+        _base.MemberSpec('lazy-refcounts', 'lazy_refcounts', 'bool', True),
+        _base.MemberSpec('refcount-bits', 'refcount_bits', 'int', True),
+        _base.MemberSpec('compression-type', 'compression_type', 'Qcow2CompressionType', True),
+    )
+
+
 class BlockdevCreateOptions(_base.QAPIModel):
     """QAPI union BlockdevCreateOptions: a value is one of its Variant classes."""
 
@@ -1789,6 +1830,42 @@ class BlockdevCreateOptionsVariantFile(BlockdevCreateOptions, BlockdevCreateOpti
         _base.MemberSpec('preallocation', 'preallocation', 'PreallocMode', True),
         _base.MemberSpec('nocow', 'nocow', 'bool', True),
         _base.MemberSpec('extent-size-hint', 'extent_size_hint', 'size', True),
+    )
+
+
+class BlockdevCreateOptionsVariantQcow2(BlockdevCreateOptions, BlockdevCreateOptionsQcow2):
+    """BlockdevCreateOptions with driver 'qcow2'."""
+
+    driver: BlockdevDriver
+    file: BlockdevRef
+    data_file: BlockdevRef | None = None
+    data_file_raw: builtins.bool | None = None
+    extended_l2: builtins.bool | None = None
+    size: builtins.int
+    version: BlockdevQcow2Version | None = None
+    backing_file: builtins.str | None = None
+    backing_fmt: BlockdevDriver | None = None
+    cluster_size: builtins.int | None = None
+    preallocation: PreallocMode | None = None
+    lazy_refcounts: builtins.bool | None = None
+    refcount_bits: builtins.int | None = None
+    compression_type: Qcow2CompressionType | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('file', 'file', 'BlockdevRef', False),
+        _base.MemberSpec('data-file', 'data_file', 'BlockdevRef', True),
+        _base.MemberSpec('data-file-raw', 'data_file_raw', 'bool', True),
+        _base.MemberSpec('extended-l2', 'extended_l2', 'bool', True),
+        _base.MemberSpec('size', 'size', 'size', False),
+        _base.MemberSpec('version', 'version', 'BlockdevQcow2Version', True),
+        _base.MemberSpec('backing-file', 'backing_file', 'str', True),
+        _base.MemberSpec('backing-fmt', 'backing_fmt', 'BlockdevDriver', True),
+        _base.MemberSpec('cluster-size', 'cluster_size', 'size', True),
+        _base.MemberSpec('preallocation', 'preallocation', 'PreallocMode', True),
+        _base.MemberSpec('lazy-refcounts', 'lazy_refcounts', 'bool', True),
+        _base.MemberSpec('refcount-bits', 'refcount_bits', 'int', True),
+        _base.MemberSpec('compression-type', 'compression_type', 'Qcow2CompressionType', True),
     )
 
 
@@ -3568,7 +3645,7 @@ BlockJobInfo.__qapi_variants__ = {'mirror': BlockJobInfoVariantMirror}
 RbdEncryptionOptions.__qapi_variants__ = {'luks': RbdEncryptionOptionsVariantLuks, 'luks2': RbdEncryptionOptionsVariantLuks2, 'luks-any': RbdEncryptionOptionsVariantLuksAny}
 BlockdevQcow2Encryption.__qapi_variants__ = {'aes': BlockdevQcow2EncryptionVariantAes, 'luks': BlockdevQcow2EncryptionVariantLuks}
 BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
-BlockdevCreateOptions.__qapi_variants__ = {'file': BlockdevCreateOptionsVariantFile}
+BlockdevCreateOptions.__qapi_variants__ = {'file': BlockdevCreateOptionsVariantFile, 'qcow2': BlockdevCreateOptionsVariantQcow2}
 SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet, 'unix': SocketAddressLegacyVariantUnix, 'vsock': SocketAddressLegacyVariantVsock, 'fd': SocketAddressLegacyVariantFd}
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'vhost-user-blk': BlockExportOptionsVariantVhostUserBlk, 'fuse': BlockExportOptionsVariantFuse}
@@ -3660,6 +3737,8 @@ TYPES: dict[str, type] = {
     'BlockdevDelArgs': BlockdevDelArgs,
     'PreallocMode': PreallocMode,
     'BlockdevCreateOptionsFile': BlockdevCreateOptionsFile,
+    'BlockdevQcow2Version': BlockdevQcow2Version,
+    'BlockdevCreateOptionsQcow2': BlockdevCreateOptionsQcow2,
     'BlockdevCreateOptions': BlockdevCreateOptions,
     'BlockdevCreateArgs': BlockdevCreateArgs,
     'XBlockdevSetIothreadArgs': XBlockdevSetIothreadArgs,

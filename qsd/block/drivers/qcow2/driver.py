@@ -30,6 +30,7 @@ from qsd.block.drivers.qcow2 import compress, l2
 from qsd.block.drivers.qcow2 import format as fmt
 from qsd.block.drivers.qcow2 import options as qopts
 from qsd.block.drivers.qcow2.cache import Caches, TableCache
+from qsd.block.drivers.qcow2.create import create_qcow2
 from qsd.block.drivers.qcow2.refcount import (
     DISCARD_ALWAYS,
     DISCARD_OTHER,
@@ -120,7 +121,7 @@ class _Piece:
         self.new_cluster = False
 
 
-@register("qcow2", options=BlockdevOptionsQcow2)
+@register("qcow2", options=BlockdevOptionsQcow2, create=create_qcow2)
 class Qcow2Node(BlockNode):
     is_format = True
     supports_backing = True
