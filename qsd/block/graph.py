@@ -28,6 +28,7 @@ from qsd.block import drain, io, registry
 from qsd.block.node import BlockNode, Child, ChildParent, NodeOptions
 from qsd.block.permissions import (
     PERM_ALL,
+    PERM_CONSISTENT_READ,
     PERM_RESIZE,
     PERM_WRITE,
     PERM_WRITE_UNCHANGED,
@@ -386,6 +387,7 @@ class BlockGraph:
                 raise QMPError(f"Failed to find node with node-name='{node_name}'")
             if users(node):
                 raise QMPError(f"Node {node_name} is in use")
+            check_op_blocker(node)
             if not node.monitor_owned:
                 raise QMPError(f"Node {node_name} is not owned by the monitor")
             if node.parents:
@@ -416,25 +418,112 @@ class BlockGraph:
         bdrv_try_change_aio_context): every user outside the graph may refuse; then
         drain, change under the write lock, and tell the users (still drained)."""
         async with self.changing:
-            nodes = self.component(node)
-            if all(n.ctx is ctx for n in nodes):
-                return
+            await self._move(node, ctx)
+
+    async def _move(self, node: BlockNode, ctx: AioContext) -> None:
+        nodes = self.component(node)
+        if all(n.ctx is ctx for n in nodes):
+            return
+        for n in nodes:
+            for child in users(n):
+                error = child.parent.child_aio_context_check(child, ctx)
+                if error is not None:
+                    raise QMPError(error)
+        async with drain.drained(self.lock, nodes):
+            with self.lock.write():
+                for n in nodes:
+                    if n.ctx is not ctx:
+                        _unref_ctx(n.ctx)
+                        n.ctx = ctx
+                        _ref_ctx(ctx)
+                        n.attach_aio_context(ctx)
             for n in nodes:
                 for child in users(n):
-                    error = child.parent.child_aio_context_check(child, ctx)
-                    if error is not None:
-                        raise QMPError(error)
-            async with drain.drained(self.lock, nodes):
+                    await child.parent.child_aio_context_changed(child, ctx)
+
+    # ---- blockdev-snapshot ---------------------------------------------------------------
+
+    async def snapshot(self, node_name: str, overlay_name: str) -> None:
+        """Puts the node ``overlay_name`` on top of ``node_name`` (QEMU's
+        external_snapshot_action and its commit, checks and texts in its order): the node
+        becomes the overlay's backing child, every user of the node uses the overlay
+        instead, and the node is reopened read-only."""
+        async with self.changing:
+            old = self._lookup(node_name)
+            async with drain.drained(self.lock, [old]):
+                check_op_blocker(old)
+                if not old.read_only:
+                    with self.temporary_user(old, 0) as child:
+                        try:
+                            await io.flush(child)
+                        except OSError:
+                            raise QMPError("An IO error has occurred") from None
+                new = self._lookup(overlay_name)
+                perm = 0
+                for child in new.parents:
+                    perm |= child.perm
+                if perm & PERM_CONSISTENT_READ:
+                    raise QMPError("The overlay is already in use")
+                if new.is_filter:
+                    raise QMPError("Filters cannot be used as overlays")
+                if new.cow_child() is not None:
+                    raise QMPError("The overlay already has a backing image")
+                if not new.supports_backing:
+                    raise QMPError("The overlay does not support backing images")
+                if new.ctx is not old.ctx:
+                    await self._move(new, old.ctx)
                 with self.lock.write():
+                    self._append(new, old)
+            await self._reopen_read_only(old)
+
+    def _lookup(self, name: str) -> BlockNode:
+        """QEMU's bdrv_lookup_bs(name, name): a daemon has no devices, only nodes."""
+        node = self.find_node(name)
+        if node is None:
+            raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
+    def _append(self, new: BlockNode, top: BlockNode) -> None:
+        """QEMU's bdrv_append(): ``top`` becomes the backing child of ``new`` and every
+        other user of ``top`` uses ``new``, as one change of permissions."""
+        if top is new or new in _below(top):
+            raise QMPError(f"Making '{top.node_name}' a backing child of "
+                           f"'{new.node_name}' would create a cycle")
+        role = ChildRole.FILTERED | ChildRole.PRIMARY if new.is_filter else ChildRole.COW
+        backing = Child(new, "backing", top, role, 0, PERM_ALL)
+        moved = [c for c in top.parents if c.parent_node is not new]
+        with Transaction() as tran:
+            self._link(backing, tran)
+            for child in moved:
+                index = top.parents.index(child)
+                del top.parents[index]
+                new.parents.insert(0, child)
+                child.node = new
+                tran.add(abort=functools.partial(_move_back, child, top, index))
+            self._update_permissions([new, top], tran)
+        self._linked(backing)
+        for child in moved:
+            if child.quiesced and not new.quiesce_counter:
+                drain.parent_drained_end(child)
+            self._linked(child)
+
+    async def _reopen_read_only(self, node: BlockNode) -> None:
+        """QEMU's bdrv_reopen_set_read_only(node, true): the node and the children it
+        opened itself become read-only; drivers write back what they cache first (qcow2
+        flushes and marks the image clean), and the permissions (file locks) follow.  A
+        failure leaves the nodes writable, as QEMU ignores it too."""
+        nodes = [n for n in _inheriting(node) if not n.read_only]
+        async with drain.drained(self.lock, nodes):
+            for n in nodes:
+                await n.inactivate()
+            try:
+                with Transaction() as tran:
                     for n in nodes:
-                        if n.ctx is not ctx:
-                            _unref_ctx(n.ctx)
-                            n.ctx = ctx
-                            _ref_ctx(ctx)
-                            n.attach_aio_context(ctx)
-                for n in nodes:
-                    for child in users(n):
-                        await child.parent.child_aio_context_changed(child, ctx)
+                        n.read_only = True
+                        tran.add(abort=functools.partial(setattr, n, "read_only", False))
+                    self._update_permissions(nodes, tran)
+            except QMPError:
+                pass
 
     # ---- block_resize ----------------------------------------------------------------------
 
@@ -443,6 +532,7 @@ class BlockGraph:
         if node is None:
             raise QMPError(f"Cannot find device='{device or ''}' nor "
                            f"node-name='{node_name or ''}'")
+        check_op_blocker(node)
         if size < 0:
             raise QMPError("Parameter 'size' expects a >0 size")
         with self.temporary_user(node, PERM_RESIZE) as child:
@@ -518,6 +608,38 @@ def _move_back(child: Child, old: BlockNode, index: int) -> None:
     child.node.parents.remove(child)
     old.parents.insert(index, child)
     child.node = old
+
+
+def check_op_blocker(node: BlockNode) -> None:
+    """QEMU's op blockers for resizing, deleting and snapshotting: a node that is the
+    backing file of another refuses them (bdrv_backing_attach), the newest user first."""
+    for child in node.parents:
+        parent = child.parent_node
+        if parent is not None and child.role & ChildRole.COW:
+            raise QMPError(f"Node '{node.node_name}' is busy: node is used as backing hd "
+                           f"of '{parent.node_name}'")
+
+
+def _below(node: BlockNode) -> list[BlockNode]:
+    """Every node under ``node``."""
+    out: list[BlockNode] = []
+    todo = [c.node for c in node.children]
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.append(n)
+            todo.extend(c.node for c in n.children)
+    return out
+
+
+def _inheriting(node: BlockNode) -> list[BlockNode]:
+    """The node and the children it opened itself (not those referenced by name),
+    which a reopen changes with it (QEMU's inherits_from)."""
+    out = [node]
+    for child in node.children:
+        if not child.node.monitor_owned and child.node not in out:
+            out.extend(n for n in _inheriting(child.node) if n not in out)
+    return out
 
 
 def users(node: BlockNode) -> list[Child]:

@@ -15,6 +15,7 @@ from qsd.qapi.generated import (
     BlockdevCreateArgs,
     BlockdevDelArgs,
     BlockdevOptions,
+    BlockdevSnapshotArgs,
     BlockJobCancelArgs,
     BlockJobCompleteArgs,
     BlockJobDismissArgs,
@@ -45,6 +46,11 @@ async def blockdev_del(daemon: Daemon, args: BlockdevDelArgs) -> None:
 @command("blockdev-create")
 async def blockdev_create(daemon: Daemon, args: BlockdevCreateArgs) -> None:
     await start_blockdev_create(daemon.jobs, daemon.graph, args.job_id, args.options)
+
+
+@command("blockdev-snapshot")
+async def blockdev_snapshot(daemon: Daemon, args: BlockdevSnapshotArgs) -> None:
+    await daemon.graph.snapshot(args.node, args.overlay)
 
 
 @command("query-named-block-nodes")

@@ -153,5 +153,12 @@ class ExportRegistry:
             await asyncio.gather(*self._deletions, return_exceptions=True)
 
     def query(self) -> list[dict[str, object]]:
-        return [{"id": exp.id, "type": exp.type, "node-name": exp.node_name,
+        return [{"id": exp.id, "type": exp.type, "node-name": _served_node(exp),
                  "shutting-down": exp.shutting_down} for exp in self.exports]
+
+
+def _served_node(exp: BlockExport) -> str:
+    """The node an export serves now: its backend follows a replacement such as a
+    snapshot's overlay (QEMU names blk_bs() of the export)."""
+    node = exp.blk.node
+    return node.node_name if node is not None else ""

@@ -878,6 +878,18 @@ class BlockResizeArgs(_base.QAPIModel):
     )
 
 
+class BlockdevSnapshot(_base.QAPIModel):
+    """QAPI struct BlockdevSnapshot."""
+
+    node: builtins.str
+    overlay: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('node', 'node', 'str', False),
+        _base.MemberSpec('overlay', 'overlay', 'str', False),
+    )
+
+
 class BlockJobInfoMirror(_base.QAPIModel):
     """QAPI struct BlockJobInfoMirror."""
 
@@ -3627,6 +3639,10 @@ class QomListPropertiesArgs(_base.QAPIModel):
     )
 
 
+class BlockdevSnapshotArgs(BlockdevSnapshot):
+    """Arguments of the command: a BlockdevSnapshot."""
+
+
 class NbdServerStartArgs(NbdServerOptionsLegacy):
     """Arguments of the command: a NbdServerOptionsLegacy."""
 
@@ -3693,6 +3709,7 @@ TYPES: dict[str, type] = {
     'XDbgBlockGraphEdge': XDbgBlockGraphEdge,
     'XDbgBlockGraph': XDbgBlockGraph,
     'BlockResizeArgs': BlockResizeArgs,
+    'BlockdevSnapshot': BlockdevSnapshot,
     'BlockErrorAction': BlockErrorAction,
     'BlockdevOnError': BlockdevOnError,
     'BlockJobInfoMirror': BlockJobInfoMirror,
@@ -3846,6 +3863,7 @@ TYPES: dict[str, type] = {
     'ObjectTypeInfo': ObjectTypeInfo,
     'QomListTypesArgs': QomListTypesArgs,
     'QomListPropertiesArgs': QomListPropertiesArgs,
+    'BlockdevSnapshotArgs': BlockdevSnapshotArgs,
     'NbdServerStartArgs': NbdServerStartArgs,
 }
 
@@ -3872,6 +3890,7 @@ COMMANDS: dict[str, _base.CommandInfo] = {
     'query-named-block-nodes': _base.CommandInfo('query-named-block-nodes', 'QueryNamedBlockNodesArgs', False, False, '[BlockDeviceInfo]', ()),
     'x-debug-query-block-graph': _base.CommandInfo('x-debug-query-block-graph', None, False, False, 'XDbgBlockGraph', ('unstable',)),
     'block_resize': _base.CommandInfo('block_resize', 'BlockResizeArgs', False, False, None, ()),
+    'blockdev-snapshot': _base.CommandInfo('blockdev-snapshot', 'BlockdevSnapshotArgs', False, False, None, ()),
     'query-block-jobs': _base.CommandInfo('query-block-jobs', None, False, False, '[BlockJobInfo]', ()),
     'block-job-set-speed': _base.CommandInfo('block-job-set-speed', 'BlockJobSetSpeedArgs', False, False, None, ()),
     'block-job-cancel': _base.CommandInfo('block-job-cancel', 'BlockJobCancelArgs', False, False, None, ()),
