@@ -91,6 +91,7 @@ class BlockBackend(ChildParent):
         self._detach_future: asyncio.Future[None] | None = None
         self._rd_nowait: Callable[[int, int], bytes | None] = _read_waits
         self._wr_nowait: Callable[[int, Data, bool], bool] = _write_waits
+        self._wr_chain: tuple[BlockNode, ...] = ()
         self.root: Child | None = None
         self.root = graph.attach_child(self, node, "root",
                                        ChildRole.FILTERED | ChildRole.PRIMARY, perm, shared)
@@ -135,11 +136,14 @@ class BlockBackend(ChildParent):
         node = self.node = self.root.node
         target = node
         hooks = bool(node.before_write)
+        chain = [node]
         following = node.nowait_next()
         while following is not None:
             target = following
+            chain.append(target)
             hooks = hooks or bool(target.before_write)
             following = target.nowait_next()
+        self._wr_chain = tuple(chain)
         if target.bl.request_alignment > 1:
             self._rd_nowait, self._wr_nowait = _read_waits, _write_waits
             return
@@ -180,7 +184,13 @@ class BlockBackend(ChildParent):
         try:
             if self._quiesced or self.writethrough:
                 return False
-            return self._wr_nowait(offset, data, fua)
+            if not self._wr_nowait(offset, data, fua):
+                return False
+            end = offset + len(data)
+            for node in self._wr_chain:       # the nodes the request passed (blockstats)
+                if end > node.wr_highest_offset:
+                    node.wr_highest_offset = end
+            return True
         finally:
             next(self._done)
 

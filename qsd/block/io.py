@@ -174,19 +174,22 @@ async def _prepare_write(node: BlockNode, offset: int, length: int) -> None:
 async def _aligned_write(node: BlockNode, offset: int, data: Data, fua: bool) -> None:
     """QEMU's bdrv_aligned_pwritev(): hooks, detect-zeroes, pieces of max_transfer."""
     length = len(data)
-    await _prepare_write(node, offset, length)
-    detect = node.opts.detect_zeroes
-    if detect != "off" and is_zero(data):
-        await _zeroes(node, offset, length, detect == "unmap", False, fua)
-    else:
-        align = node.bl.request_alignment
-        max_transfer = _align_down(min_non_zero(node.bl.max_transfer, INT_MAX), align)
-        if length <= max_transfer:
-            await node.do_write(offset, data, fua)
+    try:
+        await _prepare_write(node, offset, length)
+        detect = node.opts.detect_zeroes
+        if detect != "off" and is_zero(data):
+            await _zeroes(node, offset, length, detect == "unmap", False, fua)
         else:
-            view = memoryview(data)
-            for pos in range(0, length, max_transfer):
-                await node.do_write(offset + pos, view[pos:pos + max_transfer], fua)
+            align = node.bl.request_alignment
+            max_transfer = _align_down(min_non_zero(node.bl.max_transfer, INT_MAX), align)
+            if length <= max_transfer:
+                await node.do_write(offset, data, fua)
+            else:
+                view = memoryview(data)
+                for pos in range(0, length, max_transfer):
+                    await node.do_write(offset + pos, view[pos:pos + max_transfer], fua)
+    finally:
+        node.wrote_to(offset + length)     # failed requests too, as in QEMU
     node.grew_to(offset + length)
 
 
@@ -248,8 +251,11 @@ async def _unaligned_zero_write(node: BlockNode, req: TrackedRequest, offset: in
 
 async def _zero_write(node: BlockNode, offset: int, length: int, may_unmap: bool,
                       no_fallback: bool, fua: bool) -> None:
-    await _prepare_write(node, offset, length)
-    await _zeroes(node, offset, length, may_unmap, no_fallback, fua)
+    try:
+        await _prepare_write(node, offset, length)
+        await _zeroes(node, offset, length, may_unmap, no_fallback, fua)
+    finally:
+        node.wrote_to(offset + length)
     node.grew_to(offset + length)
 
 

@@ -237,6 +237,8 @@ class BlockNode(ChildParent):
         self.backing_format = ""
         self.before_write: list[BeforeWrite] = []
         self._length = 0
+        # The end of the highest write request so far (query-blockstats).
+        self.wr_highest_offset = 0
         # Requests in flight, counted by qsd.block.io (see count_value).
         self.requests_started = itertools.count()
         self.requests_done = itertools.count()
@@ -322,6 +324,15 @@ class BlockNode(ChildParent):
     def snapshot_list(self) -> list[dict[str, object]]:
         """The image's internal snapshots as QAPI SnapshotInfo (query: snapshots)."""
         return []
+
+    def specific_stats(self) -> dict[str, object] | None:
+        """QAPI BlockStatsSpecific (query-blockstats), for drivers that count more."""
+        return None
+
+    def wrote_to(self, end: int) -> None:
+        """A write request to this node ended at ``end`` (QEMU's wr_highest_offset)."""
+        if end > self.wr_highest_offset:
+            self.wr_highest_offset = end
 
     # ---- the driver's part: permissions --------------------------------------------------
 

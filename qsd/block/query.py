@@ -1,4 +1,5 @@
-"""What the block queries answer: query-named-block-nodes and x-debug-query-block-graph.
+"""What the block queries answer: query-named-block-nodes, query-blockstats and
+x-debug-query-block-graph.
 
 Members in QAPI schema order (the encoder puts them in QDict order on the wire), with
 the optional ones exactly where 11.1.3 has them.
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from qsd.block.node import BlockNode, Child
-from qsd.block.permissions import qapi_perm_list
+from qsd.block.permissions import ChildRole, qapi_perm_list
 
 if TYPE_CHECKING:
     from qsd.block.graph import BlockGraph
@@ -83,6 +84,53 @@ def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, object]:
         "write_threshold": 0,
     })
     return info
+
+
+# BlockDeviceStats members a node leaves at zero: QEMU counts them per device only.
+_DEVICE_COUNTERS = (
+    "rd_bytes", "wr_bytes", "zone_append_bytes", "unmap_bytes", "rd_operations",
+    "wr_operations", "zone_append_operations", "flush_operations", "unmap_operations",
+    "rd_total_time_ns", "wr_total_time_ns", "zone_append_total_time_ns",
+    "flush_total_time_ns", "unmap_total_time_ns", "rd_merged", "wr_merged",
+    "zone_append_merged", "unmap_merged", "failed_rd_operations", "failed_wr_operations",
+    "failed_zone_append_operations", "failed_flush_operations", "failed_unmap_operations",
+    "invalid_rd_operations", "invalid_wr_operations", "invalid_zone_append_operations",
+    "invalid_flush_operations", "invalid_unmap_operations",
+)
+
+
+def query_blockstats(graph: BlockGraph, query_nodes: bool) -> list[dict[str, object]]:
+    """QAPI BlockStats: per device (a storage daemon has none: its exports' backends
+    are anonymous, so QEMU's list is empty too) or, with ``query_nodes``, per node in
+    creation order."""
+    if not query_nodes:
+        return []
+    return [node_stats(node) for node in graph.opened_nodes()]
+
+
+def node_stats(node: BlockNode) -> dict[str, object]:
+    """QEMU's bdrv_query_bds_stats() for a node: its highest write, the driver's own
+    numbers, and the node that stores its data as ``parent``."""
+    stats: dict[str, object] = dict.fromkeys(_DEVICE_COUNTERS, 0)
+    stats.update({"wr_highest_offset": node.wr_highest_offset, "account_invalid": False,
+                  "account_failed": False, "timed_stats": []})
+    info: dict[str, object] = {"node-name": node.node_name, "stats": stats}
+    specific = node.specific_stats()
+    if specific is not None:
+        info["driver-specific"] = specific
+    below = _data_child(node)
+    if below is not None:
+        info["parent"] = node_stats(below.node)
+    return info
+
+
+def _data_child(node: BlockNode) -> Child | None:
+    """The primary child when it holds data or is filtered, else the only data child."""
+    primary = node.primary_child()
+    if primary is not None and primary.role & (ChildRole.DATA | ChildRole.FILTERED):
+        return primary
+    data = [c for c in node.children if c.role & ChildRole.DATA]
+    return data[0] if len(data) == 1 else None
 
 
 def query_named_block_nodes(graph: BlockGraph, flat: bool = False) -> list[dict[str, object]]:

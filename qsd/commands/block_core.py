@@ -25,6 +25,7 @@ from qsd.qapi.generated import (
     BlockJobSetSpeedArgs,
     BlockResizeArgs,
     QueryBlockArgs,
+    QueryBlockstatsArgs,
     QueryNamedBlockNodesArgs,
     XBlockdevSetIothreadArgs,
 )
@@ -62,6 +63,11 @@ async def query_named_block_nodes(daemon: Daemon, args: QueryNamedBlockNodesArgs
 async def query_block(daemon: Daemon, args: QueryBlockArgs) -> object:
     # A storage daemon has no guest devices, so no BlockBackend has a name.
     return []
+
+
+@command("query-blockstats")
+async def query_blockstats(daemon: Daemon, args: QueryBlockstatsArgs) -> object:
+    return query.query_blockstats(daemon.graph, bool(args.query_nodes))
 
 
 @command("block_resize")

@@ -878,6 +878,213 @@ class BlockResizeArgs(_base.QAPIModel):
     )
 
 
+class BlockDeviceTimedStats(_base.QAPIModel):
+    """QAPI struct BlockDeviceTimedStats."""
+
+    interval_length: builtins.int
+    min_rd_latency_ns: builtins.int
+    max_rd_latency_ns: builtins.int
+    avg_rd_latency_ns: builtins.int
+    min_wr_latency_ns: builtins.int
+    max_wr_latency_ns: builtins.int
+    avg_wr_latency_ns: builtins.int
+    min_zone_append_latency_ns: builtins.int
+    max_zone_append_latency_ns: builtins.int
+    avg_zone_append_latency_ns: builtins.int
+    min_flush_latency_ns: builtins.int
+    max_flush_latency_ns: builtins.int
+    avg_flush_latency_ns: builtins.int
+    avg_rd_queue_depth: builtins.float
+    avg_wr_queue_depth: builtins.float
+    avg_zone_append_queue_depth: builtins.float
+
+    __qapi_members__ = (
+        _base.MemberSpec('interval_length', 'interval_length', 'int', False),
+        _base.MemberSpec('min_rd_latency_ns', 'min_rd_latency_ns', 'int', False),
+        _base.MemberSpec('max_rd_latency_ns', 'max_rd_latency_ns', 'int', False),
+        _base.MemberSpec('avg_rd_latency_ns', 'avg_rd_latency_ns', 'int', False),
+        _base.MemberSpec('min_wr_latency_ns', 'min_wr_latency_ns', 'int', False),
+        _base.MemberSpec('max_wr_latency_ns', 'max_wr_latency_ns', 'int', False),
+        _base.MemberSpec('avg_wr_latency_ns', 'avg_wr_latency_ns', 'int', False),
+        _base.MemberSpec('min_zone_append_latency_ns', 'min_zone_append_latency_ns', 'int', False),
+        _base.MemberSpec('max_zone_append_latency_ns', 'max_zone_append_latency_ns', 'int', False),
+        _base.MemberSpec('avg_zone_append_latency_ns', 'avg_zone_append_latency_ns', 'int', False),
+        _base.MemberSpec('min_flush_latency_ns', 'min_flush_latency_ns', 'int', False),
+        _base.MemberSpec('max_flush_latency_ns', 'max_flush_latency_ns', 'int', False),
+        _base.MemberSpec('avg_flush_latency_ns', 'avg_flush_latency_ns', 'int', False),
+        _base.MemberSpec('avg_rd_queue_depth', 'avg_rd_queue_depth', 'number', False),
+        _base.MemberSpec('avg_wr_queue_depth', 'avg_wr_queue_depth', 'number', False),
+        _base.MemberSpec('avg_zone_append_queue_depth', 'avg_zone_append_queue_depth', 'number', False),
+    )
+
+
+class BlockLatencyHistogramInfo(_base.QAPIModel):
+    """QAPI struct BlockLatencyHistogramInfo."""
+
+    boundaries: list[builtins.int]
+    bins: list[builtins.int]
+
+    __qapi_members__ = (
+        _base.MemberSpec('boundaries', 'boundaries', '[uint64]', False),
+        _base.MemberSpec('bins', 'bins', '[uint64]', False),
+    )
+
+
+class BlockDeviceStats(_base.QAPIModel):
+    """QAPI struct BlockDeviceStats."""
+
+    rd_bytes: builtins.int
+    wr_bytes: builtins.int
+    zone_append_bytes: builtins.int
+    unmap_bytes: builtins.int
+    rd_operations: builtins.int
+    wr_operations: builtins.int
+    zone_append_operations: builtins.int
+    flush_operations: builtins.int
+    unmap_operations: builtins.int
+    rd_total_time_ns: builtins.int
+    wr_total_time_ns: builtins.int
+    zone_append_total_time_ns: builtins.int
+    flush_total_time_ns: builtins.int
+    unmap_total_time_ns: builtins.int
+    wr_highest_offset: builtins.int
+    rd_merged: builtins.int
+    wr_merged: builtins.int
+    zone_append_merged: builtins.int
+    unmap_merged: builtins.int
+    idle_time_ns: builtins.int | None = None
+    failed_rd_operations: builtins.int
+    failed_wr_operations: builtins.int
+    failed_zone_append_operations: builtins.int
+    failed_flush_operations: builtins.int
+    failed_unmap_operations: builtins.int
+    invalid_rd_operations: builtins.int
+    invalid_wr_operations: builtins.int
+    invalid_zone_append_operations: builtins.int
+    invalid_flush_operations: builtins.int
+    invalid_unmap_operations: builtins.int
+    account_invalid: builtins.bool
+    account_failed: builtins.bool
+    timed_stats: list[BlockDeviceTimedStats]
+    rd_latency_histogram: BlockLatencyHistogramInfo | None = None
+    wr_latency_histogram: BlockLatencyHistogramInfo | None = None
+    zone_append_latency_histogram: BlockLatencyHistogramInfo | None = None
+    flush_latency_histogram: BlockLatencyHistogramInfo | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('rd_bytes', 'rd_bytes', 'int', False),
+        _base.MemberSpec('wr_bytes', 'wr_bytes', 'int', False),
+        _base.MemberSpec('zone_append_bytes', 'zone_append_bytes', 'int', False),
+        _base.MemberSpec('unmap_bytes', 'unmap_bytes', 'int', False),
+        _base.MemberSpec('rd_operations', 'rd_operations', 'int', False),
+        _base.MemberSpec('wr_operations', 'wr_operations', 'int', False),
+        _base.MemberSpec('zone_append_operations', 'zone_append_operations', 'int', False),
+        _base.MemberSpec('flush_operations', 'flush_operations', 'int', False),
+        _base.MemberSpec('unmap_operations', 'unmap_operations', 'int', False),
+        _base.MemberSpec('rd_total_time_ns', 'rd_total_time_ns', 'int', False),
+        _base.MemberSpec('wr_total_time_ns', 'wr_total_time_ns', 'int', False),
+        _base.MemberSpec('zone_append_total_time_ns', 'zone_append_total_time_ns', 'int', False),
+        _base.MemberSpec('flush_total_time_ns', 'flush_total_time_ns', 'int', False),
+        _base.MemberSpec('unmap_total_time_ns', 'unmap_total_time_ns', 'int', False),
+        _base.MemberSpec('wr_highest_offset', 'wr_highest_offset', 'int', False),
+        _base.MemberSpec('rd_merged', 'rd_merged', 'int', False),
+        _base.MemberSpec('wr_merged', 'wr_merged', 'int', False),
+        _base.MemberSpec('zone_append_merged', 'zone_append_merged', 'int', False),
+        _base.MemberSpec('unmap_merged', 'unmap_merged', 'int', False),
+        _base.MemberSpec('idle_time_ns', 'idle_time_ns', 'int', True),
+        _base.MemberSpec('failed_rd_operations', 'failed_rd_operations', 'int', False),
+        _base.MemberSpec('failed_wr_operations', 'failed_wr_operations', 'int', False),
+        _base.MemberSpec('failed_zone_append_operations', 'failed_zone_append_operations', 'int', False),
+        _base.MemberSpec('failed_flush_operations', 'failed_flush_operations', 'int', False),
+        _base.MemberSpec('failed_unmap_operations', 'failed_unmap_operations', 'int', False),
+        _base.MemberSpec('invalid_rd_operations', 'invalid_rd_operations', 'int', False),
+        _base.MemberSpec('invalid_wr_operations', 'invalid_wr_operations', 'int', False),
+        _base.MemberSpec('invalid_zone_append_operations', 'invalid_zone_append_operations', 'int', False),
+        _base.MemberSpec('invalid_flush_operations', 'invalid_flush_operations', 'int', False),
+        _base.MemberSpec('invalid_unmap_operations', 'invalid_unmap_operations', 'int', False),
+        _base.MemberSpec('account_invalid', 'account_invalid', 'bool', False),
+        _base.MemberSpec('account_failed', 'account_failed', 'bool', False),
+        _base.MemberSpec('timed_stats', 'timed_stats', '[BlockDeviceTimedStats]', False),
+        _base.MemberSpec('rd_latency_histogram', 'rd_latency_histogram', 'BlockLatencyHistogramInfo', True),
+        _base.MemberSpec('wr_latency_histogram', 'wr_latency_histogram', 'BlockLatencyHistogramInfo', True),
+        _base.MemberSpec('zone_append_latency_histogram', 'zone_append_latency_histogram', 'BlockLatencyHistogramInfo', True),
+        _base.MemberSpec('flush_latency_histogram', 'flush_latency_histogram', 'BlockLatencyHistogramInfo', True),
+    )
+
+
+class BlockStatsSpecificFile(_base.QAPIModel):
+    """QAPI struct BlockStatsSpecificFile."""
+
+    discard_nb_ok: builtins.int
+    discard_nb_failed: builtins.int
+    discard_bytes_ok: builtins.int
+
+    __qapi_members__ = (
+        _base.MemberSpec('discard-nb-ok', 'discard_nb_ok', 'uint64', False),
+        _base.MemberSpec('discard-nb-failed', 'discard_nb_failed', 'uint64', False),
+        _base.MemberSpec('discard-bytes-ok', 'discard_bytes_ok', 'uint64', False),
+    )
+
+
+class BlockStatsSpecific(_base.QAPIModel):
+    """QAPI union BlockStatsSpecific: a value is one of its Variant classes."""
+
+    driver: BlockdevDriver
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+    )
+    __qapi_tag__ = 'driver'
+
+
+class BlockStatsSpecificVariantFile(BlockStatsSpecific, BlockStatsSpecificFile):
+    """BlockStatsSpecific with driver 'file'."""
+
+    driver: BlockdevDriver
+    discard_nb_ok: builtins.int
+    discard_nb_failed: builtins.int
+    discard_bytes_ok: builtins.int
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('discard-nb-ok', 'discard_nb_ok', 'uint64', False),
+        _base.MemberSpec('discard-nb-failed', 'discard_nb_failed', 'uint64', False),
+        _base.MemberSpec('discard-bytes-ok', 'discard_bytes_ok', 'uint64', False),
+    )
+
+
+class BlockStats(_base.QAPIModel):
+    """QAPI struct BlockStats."""
+
+    device: builtins.str | None = None
+    qdev: builtins.str | None = None
+    node_name: builtins.str | None = None
+    stats: BlockDeviceStats
+    driver_specific: BlockStatsSpecific | None = None
+    parent: BlockStats | None = None
+    backing: BlockStats | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('device', 'device', 'str', True),
+        _base.MemberSpec('qdev', 'qdev', 'str', True),
+        _base.MemberSpec('node-name', 'node_name', 'str', True),
+        _base.MemberSpec('stats', 'stats', 'BlockDeviceStats', False),
+        _base.MemberSpec('driver-specific', 'driver_specific', 'BlockStatsSpecific', True),
+        _base.MemberSpec('parent', 'parent', 'BlockStats', True),
+        _base.MemberSpec('backing', 'backing', 'BlockStats', True),
+    )
+
+
+class QueryBlockstatsArgs(_base.QAPIModel):
+    """QAPI arguments of QueryBlockstatsArgs."""
+
+    query_nodes: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('query-nodes', 'query_nodes', 'bool', True),
+    )
+
+
 class BlockdevSnapshot(_base.QAPIModel):
     """QAPI struct BlockdevSnapshot."""
 
@@ -3657,6 +3864,7 @@ BlockExportIothreads: typing.TypeAlias = typing.Union[builtins.str, list[builtin
 
 
 ImageInfoSpecific.__qapi_variants__ = {'qcow2': ImageInfoSpecificVariantQcow2, 'rbd': ImageInfoSpecificVariantRbd, 'file': ImageInfoSpecificVariantFile}
+BlockStatsSpecific.__qapi_variants__ = {'file': BlockStatsSpecificVariantFile}
 BlockJobInfo.__qapi_variants__ = {'mirror': BlockJobInfoVariantMirror}
 RbdEncryptionOptions.__qapi_variants__ = {'luks': RbdEncryptionOptionsVariantLuks, 'luks2': RbdEncryptionOptionsVariantLuks2, 'luks-any': RbdEncryptionOptionsVariantLuksAny}
 BlockdevQcow2Encryption.__qapi_variants__ = {'aes': BlockdevQcow2EncryptionVariantAes, 'luks': BlockdevQcow2EncryptionVariantLuks}
@@ -3709,6 +3917,13 @@ TYPES: dict[str, type] = {
     'XDbgBlockGraphEdge': XDbgBlockGraphEdge,
     'XDbgBlockGraph': XDbgBlockGraph,
     'BlockResizeArgs': BlockResizeArgs,
+    'BlockDeviceTimedStats': BlockDeviceTimedStats,
+    'BlockLatencyHistogramInfo': BlockLatencyHistogramInfo,
+    'BlockDeviceStats': BlockDeviceStats,
+    'BlockStatsSpecificFile': BlockStatsSpecificFile,
+    'BlockStatsSpecific': BlockStatsSpecific,
+    'BlockStats': BlockStats,
+    'QueryBlockstatsArgs': QueryBlockstatsArgs,
     'BlockdevSnapshot': BlockdevSnapshot,
     'BlockErrorAction': BlockErrorAction,
     'BlockdevOnError': BlockdevOnError,
@@ -3890,6 +4105,7 @@ COMMANDS: dict[str, _base.CommandInfo] = {
     'query-named-block-nodes': _base.CommandInfo('query-named-block-nodes', 'QueryNamedBlockNodesArgs', False, False, '[BlockDeviceInfo]', ()),
     'x-debug-query-block-graph': _base.CommandInfo('x-debug-query-block-graph', None, False, False, 'XDbgBlockGraph', ('unstable',)),
     'block_resize': _base.CommandInfo('block_resize', 'BlockResizeArgs', False, False, None, ()),
+    'query-blockstats': _base.CommandInfo('query-blockstats', 'QueryBlockstatsArgs', False, False, '[BlockStats]', ()),
     'blockdev-snapshot': _base.CommandInfo('blockdev-snapshot', 'BlockdevSnapshotArgs', False, False, None, ()),
     'query-block-jobs': _base.CommandInfo('query-block-jobs', None, False, False, '[BlockJobInfo]', ()),
     'block-job-set-speed': _base.CommandInfo('block-job-set-speed', 'BlockJobSetSpeedArgs', False, False, None, ()),

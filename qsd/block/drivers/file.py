@@ -195,6 +195,10 @@ class FileNode(BlockNode):
     locks: ImageLocks | None = None
     align = 1
     _filename = ""
+    # Discards that reached the file (query-blockstats' driver-specific numbers).
+    discard_nb_ok = 0
+    discard_nb_failed = 0
+    discard_bytes_ok = 0
 
     async def open(self, options: BlockdevOptionsFile, children: ChildOpener) -> None:
         aio = options.aio.value if options.aio is not None else "threads"
@@ -323,6 +327,9 @@ class FileNode(BlockNode):
                 self._write_flags = 0
                 return self.write_nowait(offset, data, fua)
             raise
+        end = offset + done
+        if end > self.wr_highest_offset:
+            self.wr_highest_offset = end
         return done == len(data)
 
     # ---- blocking primitives (run in the pool) ---------------------------------------------
@@ -412,8 +419,20 @@ class FileNode(BlockNode):
 
     async def do_discard(self, offset: int, length: int) -> None:
         # QEMU ignores -ENOTSUP from discard (the block layer does): it is only a hint.
-        await in_pool(fallocate, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      offset, length)
+        # Counted for query-blockstats as QEMU's raw_account_discard() does.
+        try:
+            await in_pool(fallocate, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                          offset, length)
+        except OSError:
+            self.discard_nb_failed += 1
+            raise
+        self.discard_nb_ok += 1
+        self.discard_bytes_ok += length
+
+    def specific_stats(self) -> dict[str, object]:
+        return {"driver": "file", "discard-nb-ok": self.discard_nb_ok,
+                "discard-nb-failed": self.discard_nb_failed,
+                "discard-bytes-ok": self.discard_bytes_ok}
 
     async def do_flush(self) -> None:
         await in_pool(os.fdatasync, self.fd)
