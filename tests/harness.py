@@ -85,6 +85,17 @@ def wait_for_path(path: Path, proc: subprocess.Popen[bytes] | None = None,
         time.sleep(0.01)
 
 
+def wait_for_mount(path: Path, qsd: Qsd, timeout: float = 20.0) -> None:
+    """Waits until the daemon's FUSE export is mounted on ``path``."""
+    deadline = time.monotonic() + timeout
+    while str(path) not in fuse_mounts():
+        if qsd.proc.poll() is not None:
+            raise RuntimeError(f"qsd exited with {qsd.proc.returncode}: {qsd.read_stderr()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} was not mounted")
+        time.sleep(0.01)
+
+
 class Qsd:
     """One qsd process with a QMP monitor on ``self.qmp_path``."""
 
