@@ -242,7 +242,7 @@ async def test_qcow2_create_preallocated(qmp: Session, tmp_path: Path,
 
 async def test_qcow2_create_data_file(qmp: Session, tmp_path: Path) -> None:
     data = tmp_path / "data.raw"
-    await qmp.create("f", {"driver": "file", "filename": str(data), "size": 0})
+    await qmp.create("d", {"driver": "file", "filename": str(data), "size": 0})
     await qmp.execute("blockdev-add", {"driver": "file", "node-name": "data",
                                        "filename": str(data)})
     path = tmp_path / "a.qcow2"
