@@ -2590,11 +2590,13 @@ class BlockExportOptionsFuse(_base.QAPIModel):
     mountpoint: builtins.str
     growable: builtins.bool | None = None
     allow_other: FuseExportAllowOther | None = None
+    io_uring: OnOffAuto | None = None
 
     __qapi_members__ = (
         _base.MemberSpec('mountpoint', 'mountpoint', 'str', False),
         _base.MemberSpec('growable', 'growable', 'bool', True),
         _base.MemberSpec('allow-other', 'allow_other', 'FuseExportAllowOther', True),
+        _base.MemberSpec('io-uring', 'io_uring', 'OnOffAuto', True),
     )
 
 
@@ -2727,6 +2729,7 @@ class BlockExportOptionsVariantFuse(BlockExportOptions, BlockExportOptionsFuse):
     mountpoint: builtins.str
     growable: builtins.bool | None = None
     allow_other: FuseExportAllowOther | None = None
+    io_uring: OnOffAuto | None = None
 
     __qapi_members__ = (
         _base.MemberSpec('type', 'type', 'BlockExportType', False),
@@ -2740,6 +2743,7 @@ class BlockExportOptionsVariantFuse(BlockExportOptions, BlockExportOptionsFuse):
         _base.MemberSpec('mountpoint', 'mountpoint', 'str', False),
         _base.MemberSpec('growable', 'growable', 'bool', True),
         _base.MemberSpec('allow-other', 'allow_other', 'FuseExportAllowOther', True),
+        _base.MemberSpec('io-uring', 'io_uring', 'OnOffAuto', True),
     )
 
 

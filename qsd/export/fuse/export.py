@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from qsd.errors import QMPError
 from qsd.export.base import BlockExport, ExportHost
+from qsd.export.fuse import io_uring
 from qsd.export.fuse import mount as M
 from qsd.export.fuse.ops import FuseFile
 from qsd.export.fuse.queue import FuseQueue
+from qsd.export.fuse.uring_queue import FuseRing, possible_cpus
 from qsd.iothread import IOThread, iothread_of
 
 if TYPE_CHECKING:
@@ -81,6 +83,24 @@ async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def _enum_value(value: Any) -> str | None:
     return None if value is None else str(getattr(value, "value", value))
+
+
+ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+def uring_unavailable() -> str | None:
+    """None if the kernel offers FUSE over io_uring to new connections, else why not."""
+    reason = io_uring.available()
+    if reason is not None:
+        return reason
+    try:
+        with open(ENABLE_URING_PARAM) as f:
+            enabled = f.read().strip()
+    except OSError:
+        return "this kernel has no FUSE over io_uring"
+    if enabled != "Y":
+        return "it is disabled (fuse module parameter enable_uring)"
+    return None
 
 
 class FuseExport(BlockExport):
@@ -157,8 +177,14 @@ class FuseExport(BlockExport):
             await exp._unmount()
             raise
         exclusive = len(contexts) > 1
-        exp.queues = [FuseQueue(file, ctx, fd, exp._halt, exclusive=exclusive)
+        exp.queues = [FuseQueue(file, ctx, fd, exp._halt, exp._start_rings,
+                                exclusive=exclusive)
                       for ctx, fd in zip(contexts, [fuse_mount.fd, *fds], strict=True)]
+        try:
+            exp._make_rings(_enum_value(opts.io_uring) or "auto")
+        except BaseException:
+            await exp._unmount()
+            raise
         blk.set_dev_ops(exp._drained_begin, exp._drained_end, exp._drained_poll)
         if exp.follow_aio_context:
             blk.add_aio_context_notifier(exp._aio_context_changed)
@@ -167,6 +193,42 @@ class FuseExport(BlockExport):
         for queue in exp.queues:
             queue.resume()
         return exp
+
+    def _make_rings(self, mode: str) -> None:
+        """One ring per queue, each registering entries for its share of the kernel's
+        per-CPU ring queues, so that INIT can agree to FUSE over io_uring."""
+        if mode == "off":
+            return
+        reason = uring_unavailable()
+        if reason is None:
+            nr_queues = possible_cpus()
+            try:
+                for i, queue in enumerate(self.queues):
+                    qids = list(range(i, nr_queues, len(self.queues)))
+                    if qids:
+                        queue.ring = FuseRing(queue, qids,
+                                              single_issuer=not self.follow_aio_context)
+            except OSError as e:
+                self._close_rings()
+                reason = f"cannot set up an io_uring: {e.strerror}"
+        if reason is not None:
+            if mode == "on":
+                raise QMPError(f"Cannot use FUSE over io_uring: {reason}")
+            return
+        self.file.uring_offer = True
+
+    def _start_rings(self) -> None:
+        """After INIT agreed on io_uring (from the thread that answered it): every queue
+        registers its entries in its own thread, whose loop then reads the completions."""
+        for queue in self.queues:
+            queue.run_in_ctx(queue.start_ring)
+
+    def _close_rings(self) -> None:
+        for queue in self.queues:
+            if queue.ring is not None:
+                queue.ring.close()
+                queue.ring = None
+                queue.ring_active = False
 
     def _fixed_iothreads(self) -> list[IOThread]:
         """The iothreads of a list of iothreads, which the export keeps in use (object-del
@@ -191,6 +253,8 @@ class FuseExport(BlockExport):
         so requests queued in the kernel fail instead of waiting for us forever."""
         await _in_thread(self.mount.unmount)
         _mountpoints.discard(self.mount.mountpoint)
+        # The rings first: their commands hold the /dev/fuse files open.
+        self._close_rings()
         for queue in self.queues:
             queue.close()
         for queue in self.queues[1:]:

@@ -56,6 +56,10 @@ class FuseFile:
         self.st_mode = stat.S_IFREG | stat.S_IRUSR | (stat.S_IWUSR if writable else 0)
         self.st_uid = os.getuid()
         self.st_gid = os.getgid()
+        # FUSE over io_uring: whether INIT may agree to it (the export has rings ready),
+        # and whether it did.
+        self.uring_offer = False
+        self.uring_agreed = False
 
     # -- requests answered without waiting --------------------------------------------
 
@@ -81,6 +85,9 @@ class FuseFile:
             supported |= P.FUSE_INIT_EXT
             (in_flags2,) = P.INIT_IN_FLAGS2.unpack_from(body, P.INIT_IN_COMPAT.size)
             flags2 = in_flags2 & P.FUSE_DIRECT_IO_ALLOW_MMAP_FLAGS2
+            if self.uring_offer:
+                flags2 |= in_flags2 & P.FUSE_OVER_IO_URING_FLAGS2
+        self.uring_agreed = bool(flags2 & P.FUSE_OVER_IO_URING_FLAGS2)
         out_minor = min(P.KERNEL_MINOR_VERSION, minor)
         out = P.INIT_OUT.pack(
             P.KERNEL_VERSION, out_minor, max_readahead, flags & supported,

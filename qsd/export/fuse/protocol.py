@@ -46,6 +46,7 @@ FUSE_ASYNC_DIO: Final = 1 << 15
 FUSE_INIT_EXT: Final = 1 << 30
 # fuse_init_in/out.flags2 (the upper 32 bits of the 64-bit flag set)
 FUSE_DIRECT_IO_ALLOW_MMAP_FLAGS2: Final = 1 << (36 - 32)
+FUSE_OVER_IO_URING_FLAGS2: Final = 1 << (41 - 32)
 
 # fuse_open_out.open_flags
 FOPEN_DIRECT_IO: Final = 1 << 0

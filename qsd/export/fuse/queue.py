@@ -29,6 +29,7 @@ from qsd.export.fuse.ops import MAX_READ_BYTES, MAX_WRITE_BYTES, FuseFile, error
 
 if TYPE_CHECKING:
     from qsd.aio import AioContext
+    from qsd.export.fuse.uring_queue import FuseRing
 
 # A whole WRITE request (headers plus max_write bytes) must fit: the kernel refuses reads
 # into anything smaller than that (and than FUSE_MIN_READ_BUFFER).
@@ -43,16 +44,25 @@ POLL_PROBE_INTERVAL: Final = 64
 _EMPTY_REPLY_SIZE: Final = P.OUT_HEADER_SIZE
 _WRITE_REPLY_SIZE: Final = P.WRITE_REPLY.size
 
+# How a request that is answered later gets its answer out: (payload, 0) or (None, errno).
+Done = Callable[[bytes | None, int], None]
+
 
 class FuseQueue:
     """Reads requests from one /dev/fuse fd in one context and answers them there."""
 
     def __init__(self, file: FuseFile, ctx: AioContext, fd: int,
-                 on_halt: Callable[[], None], *, exclusive: bool) -> None:
+                 on_halt: Callable[[], None], on_init: Callable[[], None], *,
+                 exclusive: bool) -> None:
         self.file = file
         self.ctx = ctx
         self.fd = fd
         self._on_halt = on_halt
+        self._on_init = on_init
+        # FUSE over io_uring: set up by the export; requests come through it once the
+        # kernel has agreed in INIT and every queue has registered its entries.
+        self.ring: FuseRing | None = None
+        self.ring_active = False
         # All fds of one connection become readable together, so every queue's loop
         # would wake for each request and all but one would read EAGAIN.  With several
         # queues, watch the fd through an epoll of our own registered EPOLLEXCLUSIVE:
@@ -79,7 +89,7 @@ class FuseQueue:
         self.paused = False
         # Shutdown or halt: never attach again.
         self.stopped = False
-        # Adaptive polling (see _keep_polling); the limit is ctx's poll-max-ns, read
+        # Adaptive polling (see keep_polling); the limit is ctx's poll-max-ns, read
         # each time so that a change (qom-set) applies at once.
         self._poll_ns = 0
         self._unpolled_wakeups = 0
@@ -92,24 +102,43 @@ class FuseQueue:
         self._poll_ns = self.ctx.poll_max_ns
         self.ctx.loop.add_reader(self._watch_fd, self._callback)
         self.attached = True
+        if self.ring_active and self.ring is not None:
+            self.ring.attach()
 
     def detach(self) -> None:
         if self.attached:
             self.ctx.loop.remove_reader(self._watch_fd)
             self.attached = False
+        if self.ring is not None:
+            self.ring.detach()
+
+    def start_ring(self) -> None:
+        """In ctx's thread, after INIT agreed on io_uring: register the ring's entries
+        and serve its completions from now on."""
+        ring = self.ring
+        if ring is None or self.stopped:
+            return
+        try:
+            ring.register()
+        except OSError as e:
+            error_report(f"Failed to register FUSE ring entries: {e.strerror}")
+            return
+        self.ring_active = True
+        if self.attached:
+            ring.attach()
 
     def pause(self) -> None:
         """From any thread: stop taking requests now, detach the reader in ctx's loop."""
         self.paused = True
-        self._in_ctx(self.detach)
+        self.run_in_ctx(self.detach)
 
     def resume(self) -> None:
         """From any thread: re-attach the reader in ctx's loop (unless paused again by
         the time that runs: the flag is what counts, not the order of callbacks)."""
         self.paused = False
-        self._in_ctx(self.attach)
+        self.run_in_ctx(self.attach)
 
-    def _in_ctx(self, fn: Callable[[], None]) -> None:
+    def run_in_ctx(self, fn: Callable[[], None]) -> None:
         if self.ctx.in_this_thread():
             fn()
         else:
@@ -135,7 +164,7 @@ class FuseQueue:
         self._epoll.poll(0)
         self._on_readable()
 
-    def _keep_polling(self, poll_start: int) -> bool:
+    def keep_polling(self, poll_start: int) -> bool:
         """Whether to retry the empty fd instead of returning to the loop.
 
         Going to sleep costs a wake-up for the next request, which dominates synchronous
@@ -154,6 +183,10 @@ class FuseQueue:
             self._unpolled_wakeups = 0
             self._poll_ns = self.ctx.poll_max_ns
         return False
+
+    def poll_caught(self) -> None:
+        """Polling caught the next request before the loop would have slept."""
+        self._poll_ns = self.ctx.poll_max_ns
 
     def _on_readable(self) -> None:
         readinto = self._reader.readinto
@@ -178,14 +211,16 @@ class FuseQueue:
                 self._read_failed(e)
                 return
             if n is None:
+                # With the ring serving, this fd carries no requests worth polling for.
+                if self.ring_active:
+                    return
                 if not poll_start:
                     poll_start = perf_counter_ns()
-                if self._keep_polling(poll_start):
+                if self.keep_polling(poll_start):
                     continue
                 return
             if poll_start:
-                # Polling caught the next request before the loop would have slept.
-                self._poll_ns = self.ctx.poll_max_ns
+                self.poll_caught()
                 poll_start = 0
             if n < P.IN_HEADER_SIZE:
                 self._halt(f"Incomplete read from FUSE device, expected at least "
@@ -210,7 +245,7 @@ class FuseQueue:
                             except OSError as e:
                                 _write_failed(e)
                             continue
-                    self._spawn(unique, file.read(offset, size))
+                    self.spawn(file.read(offset, size), self._replier(unique))
                 elif opcode == P.WRITE and n >= P.WRITE_DATA_OFFSET:
                     offset, size = offset_size(buf, P.IN_HEADER_SIZE)
                     end = P.WRITE_DATA_OFFSET + size
@@ -227,7 +262,13 @@ class FuseQueue:
                         except OSError as e:
                             _write_failed(e)
                         continue
-                    self._spawn(unique, file.write(offset, bytes(buf[P.WRITE_DATA_OFFSET:end])))
+                    self.spawn(file.write(offset, bytes(buf[P.WRITE_DATA_OFFSET:end])),
+                               self._replier(unique))
+                elif opcode == P.INIT:
+                    if self._init(unique, n):
+                        # Requests come through the ring from now on: leave this fd
+                        # alone unless the kernel still sends something here.
+                        return
                 else:
                     self._dispatch(opcode, unique, n)
             except OSError as e:
@@ -236,8 +277,19 @@ class FuseQueue:
                 error_report(f"FUSE request {opcode} failed: {e!r}")
                 self._reply_error(unique, errno.EIO)
 
+    def _init(self, unique: int, n: int) -> bool:
+        """FUSE_INIT, which only ever comes through /dev/fuse; True once the ring took
+        over (the other queues start theirs through the export's hook)."""
+        if n < P.IN_HEADER_SIZE + P.INIT_IN_COMPAT.size:
+            self._dispatch(P.INIT, unique, n)
+            return False
+        self._reply(unique, self.file.init(self._view[P.IN_HEADER_SIZE:n]))
+        if self.file.uring_agreed:
+            self._on_init()
+        return self.ring_active
+
     def _dispatch(self, opcode: int, unique: int, n: int) -> None:
-        """Everything but the READ/WRITE fast path (QEMU's fuse_co_process_request)."""
+        """A /dev/fuse request other than the READ/WRITE fast path."""
         need = P.OP_HEADER_SIZE.get(opcode)
         if need is None:
             self._reply_error(unique, errno.ENOSYS)
@@ -247,40 +299,45 @@ class FuseQueue:
                          f"read {n} bytes")
             self._reply_error(unique, errno.EINVAL)
             return
+        self.dispatch(opcode, self._view[P.IN_HEADER_SIZE:n], self._replier(unique))
+
+    def dispatch(self, opcode: int, body: memoryview, done: Done) -> None:
+        """Everything but READ/WRITE and INIT, from either path (QEMU's
+        fuse_co_process_request); ``body`` is the opcode's header and what follows."""
         file = self.file
         if opcode == P.GETATTR:
-            self._reply(unique, file.getattr())
+            done(file.getattr(), 0)
         elif opcode == P.OPEN:
-            self._reply(unique, file.open())
+            done(file.open(), 0)
         elif opcode in (P.RELEASE, P.DESTROY):
-            self._reply(unique, b"")
+            done(b"", 0)
         elif opcode == P.LOOKUP:
             # There is no node but the root node.
-            self._reply_error(unique, errno.ENOENT)
+            done(None, errno.ENOENT)
         elif opcode in (P.FORGET, P.BATCH_FORGET):
             # No reply, nothing to do.
             pass
-        elif opcode == P.INIT:
-            self._reply(unique, file.init(self._view[P.IN_HEADER_SIZE:n]))
         elif opcode == P.STATFS:
-            self._reply(unique, file.statfs())
+            done(file.statfs(), 0)
+        elif opcode not in P.OP_HEADER_SIZE or opcode == P.INIT:
+            done(None, errno.ENOSYS)
         else:
             # Requests that wait for the block layer; their task owns a copy of the body.
-            body = bytes(self._buf[P.IN_HEADER_SIZE:n])
+            data = bytes(body)
             if opcode == P.SETATTR:
-                self._spawn(unique, file.setattr(body))
+                self.spawn(file.setattr(data), done)
             elif opcode == P.FALLOCATE:
-                self._spawn(unique, file.fallocate(body))
+                self.spawn(file.fallocate(data), done)
             elif opcode == P.LSEEK:
-                self._spawn(unique, file.lseek(body))
+                self.spawn(file.lseek(data), done)
             else:  # FSYNC, FLUSH
-                self._spawn(unique, file.flush())
+                self.spawn(file.flush(), done)
 
     # -- requests that wait ----------------------------------------------------------------
 
-    def _spawn(self, unique: int, work: Awaitable[bytes | None]) -> None:
+    def spawn(self, work: Awaitable[bytes | None], done: Done) -> None:
         self.in_flight += 1
-        task = self.ctx.loop.create_task(self._answer(unique, work))
+        task = self.ctx.loop.create_task(self._answer(work, done))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -288,18 +345,27 @@ class FuseQueue:
         self._tasks.discard(task)
         self.in_flight -= 1
 
-    async def _answer(self, unique: int, work: Awaitable[bytes | None]) -> None:
+    @staticmethod
+    async def _answer(work: Awaitable[bytes | None], done: Done) -> None:
         try:
             payload = await work
         except OSError as e:
-            self._reply_error(unique, e.errno or errno.EIO)
+            done(None, e.errno or errno.EIO)
         except Exception as e:  # noqa: BLE001 - the kernel must get an answer regardless
             error_report(f"FUSE request failed: {e!r}")
-            self._reply_error(unique, errno.EIO)
+            done(None, errno.EIO)
         else:
-            self._reply(unique, payload or b"")
+            done(payload or b"", 0)
 
     # -- replies ------------------------------------------------------------------------------
+
+    def _replier(self, unique: int) -> Done:
+        def reply(payload: bytes | None, code: int) -> None:
+            if code or payload is None:
+                self._reply_error(unique, code or errno.EIO)
+            else:
+                self._reply(unique, payload)
+        return reply
 
     def _reply(self, unique: int, payload: bytes) -> None:
         header = P.OUT_HEADER.pack(P.OUT_HEADER_SIZE + len(payload), 0, unique)
