@@ -23,7 +23,7 @@ from qsd.export.base import BlockExport, ExportHost
 from qsd.export.fuse import io_uring
 from qsd.export.fuse import mount as M
 from qsd.export.fuse.ops import FuseFile
-from qsd.export.fuse.queue import FuseQueue
+from qsd.export.fuse.queue import FuseQueue, QueueGroup
 from qsd.export.fuse.uring_queue import FuseRing, possible_cpus
 from qsd.iothread import IOThread, iothread_of
 
@@ -176,9 +176,8 @@ class FuseExport(BlockExport):
                 os.close(fd)
             await exp._unmount()
             raise
-        exclusive = len(contexts) > 1
-        exp.queues = [FuseQueue(file, ctx, fd, exp._halt, exp._start_rings,
-                                exclusive=exclusive)
+        group = QueueGroup() if len(contexts) > 1 else None
+        exp.queues = [FuseQueue(file, ctx, fd, exp._halt, exp._start_rings, group=group)
                       for ctx, fd in zip(contexts, [fuse_mount.fd, *fds], strict=True)]
         try:
             exp._make_rings(_enum_value(opts.io_uring) or "auto")

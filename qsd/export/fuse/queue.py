@@ -48,12 +48,33 @@ _WRITE_REPLY_SIZE: Final = P.WRITE_REPLY.size
 Done = Callable[[bytes | None, int], None]
 
 
+class QueueGroup:
+    """What the /dev/fuse queues of one export know of each other.
+
+    Every request makes all the connection's fds readable, and every queue that wakes
+    for it needs the GIL.  A queue that wakes while a sibling is draining the shared
+    request queue would only take the GIL from it (and, polling, again and again) for
+    requests that the sibling reads anyway: it parks instead, with its reader removed,
+    and the last sibling to stop draining re-arms the parked ones.  Counters and the list
+    change under the GIL only.
+    """
+
+    def __init__(self) -> None:
+        self.draining = 0
+        self.parked: list[FuseQueue] = []
+
+    def unpark(self) -> None:
+        parked, self.parked = self.parked, []
+        for queue in parked:
+            queue.run_in_ctx(queue.attach)
+
+
 class FuseQueue:
     """Reads requests from one /dev/fuse fd in one context and answers them there."""
 
     def __init__(self, file: FuseFile, ctx: AioContext, fd: int,
                  on_halt: Callable[[], None], on_init: Callable[[], None], *,
-                 exclusive: bool) -> None:
+                 group: QueueGroup | None) -> None:
         self.file = file
         self.ctx = ctx
         self.fd = fd
@@ -70,7 +91,8 @@ class FuseQueue:
         self._epoll: select.epoll | None = None
         self._watch_fd = fd
         self._callback = self._on_readable
-        if exclusive:
+        self._group = group
+        if group is not None:
             self._epoll = select.epoll()
             self._epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
             self._watch_fd = self._epoll.fileno()
@@ -159,10 +181,22 @@ class FuseQueue:
     # -- the request loop ------------------------------------------------------------------
 
     def _on_wake(self) -> None:
-        # Consume the epoll's (level-triggered) event so that it re-arms, then drain.
-        assert self._epoll is not None
+        """A queue of several: drain unless a sibling already does (see QueueGroup)."""
+        assert self._epoll is not None and self._group is not None
+        # Consume the epoll's (level-triggered) event so that it re-arms.
         self._epoll.poll(0)
-        self._on_readable()
+        group = self._group
+        if group.draining:
+            self.detach()
+            group.parked.append(self)
+            return
+        group.draining += 1
+        try:
+            self._on_readable()
+        finally:
+            group.draining -= 1
+            if not group.draining and group.parked:
+                group.unpark()
 
     def keep_polling(self, poll_start: int) -> bool:
         """Whether to retry the empty fd instead of returning to the loop.
