@@ -205,8 +205,9 @@ class FuseExport(BlockExport):
                 for i, queue in enumerate(self.queues):
                     qids = list(range(i, nr_queues, len(self.queues)))
                     if qids:
-                        queue.ring = FuseRing(queue, qids,
-                                              single_issuer=not self.follow_aio_context)
+                        queue.ring = FuseRing(
+                            queue, qids, single_issuer=not self.follow_aio_context,
+                            shares_gil=len(self.queues) > 1)
             except OSError as e:
                 self._close_rings()
                 reason = f"cannot set up an io_uring: {e.strerror}"

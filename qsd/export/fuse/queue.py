@@ -52,14 +52,16 @@ class QueueGroup:
     """What the /dev/fuse queues of one export know of each other.
 
     Every request makes all the connection's fds readable, and every queue that wakes
-    for it needs the GIL.  A queue that wakes while a sibling is draining the shared
-    request queue would only take the GIL from it (and, polling, again and again) for
-    requests that the sibling reads anyway: it parks instead, with its reader removed,
-    and the last sibling to stop draining re-arms the parked ones.  Counters and the list
-    change under the GIL only.
+    for it needs the GIL.  A queue that wakes while enough siblings are draining the
+    shared request queue would only take the GIL from them (and, polling, again and
+    again) for requests that they read anyway: it parks instead, with its reader removed,
+    and the last sibling to stop draining re-arms the parked ones.  "Enough" is one per
+    two CPUs (the clients need the others): one on a two-CPU machine.  Counters and the
+    list change under the GIL only.
     """
 
     def __init__(self) -> None:
+        self.max_draining = max(1, (os.cpu_count() or 1) // 2)
         self.draining = 0
         self.parked: list[FuseQueue] = []
 
@@ -186,7 +188,7 @@ class FuseQueue:
         # Consume the epoll's (level-triggered) event so that it re-arms.
         self._epoll.poll(0)
         group = self._group
-        if group.draining:
+        if group.draining >= group.max_draining:
             self.detach()
             group.parked.append(self)
             return

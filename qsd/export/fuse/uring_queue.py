@@ -81,9 +81,14 @@ def possible_cpus() -> int:
 class FuseRing:
     """One queue's io_uring and the ring entries it registered for the CPU queues ``qids``."""
 
-    def __init__(self, queue: FuseQueue, qids: list[int], *, single_issuer: bool) -> None:
+    def __init__(self, queue: FuseQueue, qids: list[int], *, single_issuer: bool,
+                 shares_gil: bool) -> None:
         self.queue = queue
         self.qids = qids
+        # With sibling queues in other threads, io_uring_enter (the kernel's share of a
+        # whole batch) runs without the GIL so that they can serve meanwhile; alone, the
+        # hand-off would only cost.
+        self._release_gil = shares_gil
         n = len(qids) * ENTRIES_PER_QID
         self.entries = n
         # A queue whose thread never changes lets the kernel defer the ring's task work
@@ -198,11 +203,12 @@ class FuseRing:
         pack_u64 = _U64.pack_into
         READ = P.READ
         WRITE = P.WRITE
+        release_gil = self._release_gil
         poll_start = 0
         while not queue.paused:
             # One system call commits the answers of the last batch and runs the task
             # work that copies newly arrived requests into their entries.
-            ring.submit()
+            ring.submit(release_gil=release_gil)
             head = cq32[cq_head_i]
             tail = cq32[cq_tail_i]
             if head == tail:
@@ -319,7 +325,7 @@ class FuseRing:
                 self.view[p:p + len(payload)] = payload
                 self._commit_reply(e, e * HEADER_STRIDE, unique, len(payload))
             try:
-                self.ring.submit()
+                self.ring.submit(release_gil=self._release_gil)
             except OSError as err:
                 error_report(f"Failed to commit FUSE replies to the ring: {err.strerror}")
         return reply
