@@ -152,11 +152,14 @@ async def test_delete_under_load_leaves_nothing(fuse_dir: Path, start_qsd: QsdFa
                 assert io_uring_fds(daemon.pid) > baseline[0]
             load = asyncio.ensure_future(arun(
                 *fio(mp, "--ioengine=libaio", "--iodepth=16", "--rw=randrw", "--numjobs=2",
-                     "--size=64M", runtime=30), check=False, timeout=60))
+                     "--size=64M", runtime=30), check=False, timeout=120))
             await asyncio.sleep(1)
             assert not load.done()
             await s.delete("export")
-            await asyncio.wait_for(load, 30)
+            # The daemon is done at once (checked below); fio's own requests fail when
+            # the kernel has torn the connection's rings down, which now and then
+            # (about one deletion in ten under load here) takes it up to half a minute.
+            await asyncio.wait_for(load, 90)
             assert str(mp) not in fuse_mounts()
             assert fuse_fds(daemon.pid) == 0
             if baseline is not None:

@@ -155,7 +155,10 @@ class FuseRing:
 
     def close(self) -> None:
         """Closes the ring (the kernel cancels the entries waiting for requests) and
-        releases the buffers."""
+        releases the buffers (once; the queue closes it when it stops)."""
+        if self.ring.fd < 0:
+            return
+        self.detach()
         self.ring.close()
         os.close(self._wake_fd)
         self.view.release()
