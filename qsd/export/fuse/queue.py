@@ -174,10 +174,6 @@ class FuseQueue:
         self.detach()
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.ring is not None:
-            # In the thread that submitted to it: the kernel finishes the ring's
-            # deferred work with this thread, and entries it holds get cancelled now.
-            self.ring.close()
 
     def close(self) -> None:
         """Releases the queue's own epoll (the /dev/fuse fd belongs to the export)."""
