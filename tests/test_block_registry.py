@@ -356,6 +356,27 @@ async def test_drain_waits_for_a_drivers_metadata_io(graph: BlockGraph,
     assert not blk.quiesced
 
 
+async def test_requests_inside_a_drained_section(graph: BlockGraph, workdir: Path) -> None:
+    """A request that arrives while drained waits for drained_end, unless its backend's
+    owner disabled request queuing (exports, whose drained_poll counts what they took)."""
+    img = image(workdir / "q.img", 1 << 20)
+    node = await add(graph, driver="file", **{"node-name": "q0"}, filename=str(img))
+    queuing = BlockBackend(graph, node, perm=RW, shared=PERM_ALL)
+    direct = BlockBackend(graph, node, perm=RW, shared=PERM_ALL)
+    direct.disable_request_queuing()
+    section = await drain.drained_begin(graph.lock, [node])
+    try:
+        assert queuing.quiesced and direct.quiesced
+        parked = asyncio.ensure_future(queuing.read(0, 4096))
+        assert await asyncio.wait_for(direct.read(4096, 4096), 10) == img.read_bytes()[
+            4096:8192]
+        await asyncio.sleep(0.1)
+        assert not parked.done()
+    finally:
+        drain.drained_end(section)
+    assert await asyncio.wait_for(parked, 10) == img.read_bytes()[:4096]
+
+
 # ---- backing chains, hooks, graph transactions ---------------------------------------------
 
 

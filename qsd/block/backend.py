@@ -78,6 +78,7 @@ class BlockBackend(ChildParent):
         self.shared = shared
         self.allow_aio_context_change = True
         self.writethrough = False
+        self.request_queuing = True
         self._started = itertools.count()
         self._done = itertools.count()
         self._quiesce = 0
@@ -119,6 +120,13 @@ class BlockBackend(ChildParent):
     def set_allow_aio_context_change(self, allow: bool) -> None:
         """Whether x-blockdev-set-iothread/graph moves may move this backend's node."""
         self.allow_aio_context_change = allow
+
+    def disable_request_queuing(self) -> None:
+        """Requests no longer wait for the end of a drained section (QEMU's
+        blk_set_disable_request_queuing): for an owner whose drain hooks stop its own
+        request sources and whose drained_poll counts what it has already taken, which
+        must be able to finish inside the section (a deletion waits for it there)."""
+        self.request_queuing = False
 
     def set_perm(self, perm: int, shared: int) -> None:
         """Changes this user's permissions; QMPError and no change on conflict."""
@@ -198,7 +206,7 @@ class BlockBackend(ChildParent):
 
     async def _wait_while_drained(self) -> None:
         """Parks a request that arrived during a drained section until drained_end()."""
-        while self._quiesced:
+        while self._quiesced and self.request_queuing:
             next(self._done)
             try:
                 loop = asyncio.get_running_loop()

@@ -185,6 +185,7 @@ class FuseExport(BlockExport):
             await exp._unmount()
             raise
         blk.set_dev_ops(exp._drained_begin, exp._drained_end, exp._drained_poll)
+        blk.disable_request_queuing()
         if exp.follow_aio_context:
             blk.add_aio_context_notifier(exp._aio_context_changed)
         for iothread in exp._fixed_iothreads():
@@ -279,11 +280,11 @@ class FuseExport(BlockExport):
         self.queues[0].ctx = ctx
 
     def _drained_poll(self) -> bool:
-        """Busy until every queue's reader is gone.  Requests already taken count in the
-        BlockBackend, which also parks those that arrive while drained; counting our own
-        tasks here would wait for parked requests forever (QEMU disables request queuing
-        for its export instead)."""
-        return any(queue.attached for queue in self.queues)
+        """Busy until every queue's reader is gone and every request it took has been
+        answered.  Like QEMU's export, the BlockBackend does not park our requests while
+        drained: a request taken just as the drain began must finish inside the section,
+        because a deletion waits for it there."""
+        return any(queue.attached or queue.in_flight for queue in self.queues)
 
     def _halt(self) -> None:
         """After a request we could not parse nothing on the fds can be trusted: stop all
