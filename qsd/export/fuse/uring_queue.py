@@ -181,6 +181,9 @@ class FuseRing:
         everything in locals, queueing the commit SQE without a method call: this loop
         is the whole per-request cost in Python.  The rest goes through ``_serve``.
         """
+        if not self.attached:
+            # A look scheduled by attach() that a detach overtook.
+            return
         queue = self.queue
         ring = self.ring
         mem = self.view
@@ -208,10 +211,14 @@ class FuseRing:
         WRITE = P.WRITE
         release_gil = self._release_gil
         poll_start = 0
-        while not queue.paused:
+        while True:
             # One system call commits the answers of the last batch and runs the task
             # work that copies newly arrived requests into their entries.
             ring.submit(release_gil=release_gil)
+            if queue.paused:
+                # Paused (drain, deletion): every answer is out, new requests stay in
+                # the completion ring until the queue resumes.
+                return
             head = cq32[cq_head_i]
             tail = cq32[cq_tail_i]
             if head == tail:
