@@ -11,6 +11,7 @@ import asyncio
 import mmap
 import os
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -113,6 +114,80 @@ def fio(filename: Path, *args: str, runtime: float | None = 1.0) -> list[str]:
     return ["fio", "--name=t", f"--filename={filename}", "--direct=1", "--bs=4k",
             "--verify_state_save=0",
             "--output-format=terse", *timing, *args]
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(name))
+    return kids
+
+
+def process_state(pid: int) -> str:
+    """The state letter in /proc (D: uninterruptible, stuck in the kernel), or "gone"."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def files_on(pid: int, dev: int) -> int:
+    """How many of a process's open files live on the file system ``dev``."""
+    fd_dir = f"/proc/{pid}/fd"
+    count = 0
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return 0
+    for name in names:
+        try:
+            if os.stat(f"{fd_dir}/{name}").st_dev == dev:
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+@asynccontextmanager
+async def fio_load(mountpoint: Path, *args: str,
+                   jobs: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    """fio on a mounted export in the background, handed out once each of its ``jobs``
+    has the export's file open: a job that opened the mountpoint only after the export
+    went away would run against the file underneath instead.  Killed by PID if it is
+    still running at the end."""
+    dev = os.stat(mountpoint).st_dev
+    proc = await asyncio.create_subprocess_exec(
+        *fio(mountpoint, f"--numjobs={jobs}", *args, runtime=60),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(files_on(kid, dev) for kid in children(proc.pid)) < jobs:
+            assert proc.returncode is None, "fio ended before it had the export open"
+            assert time.monotonic() < deadline, "fio did not open the export"
+            await asyncio.sleep(0.05)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def load_ended(proc: asyncio.subprocess.Process, timeout: float) -> int:
+    """fio's exit status, once the requests it had in flight have failed."""
+    try:
+        return await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        states = {pid: process_state(pid) for pid in [proc.pid, *children(proc.pid)]}
+        raise AssertionError(f"fio still runs {timeout} s after the export went away "
+                             f"(process states {states})") from None
 
 
 # ---- 308: mountpoint checks, read-only export, export over the image --------------------
@@ -315,13 +390,11 @@ async def test_multiqueue(fuse_dir: Path, start_qsd: QsdFactory) -> None:
         baseline_threads = threads(daemon.pid)
         await s.add_fuse("export", "null", mp, writable=True,
                          iothread=["iothread0", "iothread1"])
-        load = asyncio.ensure_future(arun(*fio(mp, "--ioengine=libaio", "--iodepth=16",
-                                               "--rw=randrw", "--numjobs=2", "--size=16M",
-                                               runtime=30), check=False, timeout=60))
-        await asyncio.sleep(1)
-        assert not load.done()
-        await s.delete("export")
-        await asyncio.wait_for(load, 30)
+        async with fio_load(mp, "--ioengine=libaio", "--iodepth=16", "--rw=randrw",
+                            "--size=16M", jobs=2) as load:
+            await asyncio.sleep(0.5)
+            await s.delete("export")
+            assert await load_ended(load, 30) != 0
         assert str(mp) not in fuse_mounts()
         assert fuse_fds(daemon.pid) == 0
         assert threads(daemon.pid) == baseline_threads

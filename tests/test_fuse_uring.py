@@ -18,7 +18,18 @@ import pytest
 
 from tests.conftest import QsdFactory
 from tests.harness import fuse_mounts
-from tests.test_fuse import MiB, arun, fio, fuse_dir, fuse_fds, run, session, threads
+from tests.test_fuse import (
+    MiB,
+    arun,
+    fio,
+    fio_load,
+    fuse_dir,
+    fuse_fds,
+    load_ended,
+    run,
+    session,
+    threads,
+)
 
 ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
 
@@ -53,6 +64,12 @@ def io_uring_fds(pid: int) -> int:
         except OSError:
             pass
     return count
+
+
+def io_uring_mappings(pid: int) -> int:
+    """Mappings of io_uring rings: each holds the ring's file open, fd closed or not."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sum("anon_inode:[io_uring]" in line for line in maps)
 
 
 def fd_numbers(pid: int, target: str) -> set[int]:
@@ -135,45 +152,37 @@ async def test_verified_writes_over_the_ring(fuse_dir: Path, start_qsd: QsdFacto
         await s.delete("export")
 
 
+@pytest.mark.parametrize("io_uring", ["on", "off"])
 async def test_delete_under_load_leaves_nothing(fuse_dir: Path, start_qsd: QsdFactory,
-                                                uring_param: Path) -> None:
-    """What the daemon holds is gone when block-export-del is done: rings, fds, threads,
-    the mount.  (The client's requests in flight fail once the kernel has torn the
-    connection's rings down, which with libaio now and then takes it far longer than the
-    daemon's part; fio is ended by PID if it has not noticed within 20 s.)"""
+                                                uring_param: Path, io_uring: str) -> None:
+    """block-export-del with fio's requests in flight: the daemon holds nothing of the
+    export when it is done (rings, their mappings, fds, threads, the mount), and every
+    request the kernel still had fails at once, so that fio ends with an error."""
     mp = fuse_dir / "t.fuse"
     mp.touch()
     daemon = start_qsd(*iothread_args(2), "--blockdev", "null-co,node-name=null,size=67108864")
     async with session(daemon) as s:
         # The event loops open io_urings and threads of their own on first use: count
         # against what is there after a first round.
-        baseline: tuple[int, int] | None = None
+        baseline: tuple[int, int, int] | None = None
         for _ in range(3):
             await s.add_fuse("export", "null", mp, writable=True, iothread=["io0", "io1"],
-                             **{"io-uring": "on"})
-            if baseline is not None:
-                # (Each ring's mappings hold a duplicate of its fd, so count loosely.)
-                assert io_uring_fds(daemon.pid) > baseline[0]
-            load = await asyncio.create_subprocess_exec(
-                *fio(mp, "--ioengine=libaio", "--iodepth=16", "--rw=randrw", "--numjobs=2",
-                     "--size=64M", runtime=30),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                await asyncio.sleep(1)
-                assert load.returncode is None
+                             **{"io-uring": io_uring})
+            async with fio_load(mp, "--ioengine=libaio", "--iodepth=16", "--rw=randrw",
+                                "--size=64M", jobs=2) as load:
+                if baseline is not None and io_uring == "on":
+                    assert io_uring_fds(daemon.pid) > baseline[0]
+                    assert io_uring_mappings(daemon.pid) > baseline[1]
+                await asyncio.sleep(0.5)
                 await s.delete("export")
                 assert str(mp) not in fuse_mounts()
                 assert fuse_fds(daemon.pid) == 0
+                state = (io_uring_fds(daemon.pid), io_uring_mappings(daemon.pid),
+                         threads(daemon.pid))
                 if baseline is not None:
-                    assert (io_uring_fds(daemon.pid), threads(daemon.pid)) == baseline
-                baseline = io_uring_fds(daemon.pid), threads(daemon.pid)
-                await asyncio.wait_for(load.wait(), 20)
-            except TimeoutError:
-                pass
-            finally:
-                if load.returncode is None:
-                    load.kill()
-                    await load.wait()
+                    assert state == baseline
+                baseline = state
+                assert await load_ended(load, 30) != 0
         assert await s.cmd("query-block-exports") == []
 
 
