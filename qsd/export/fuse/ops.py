@@ -11,10 +11,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 import time
 from typing import TYPE_CHECKING, Final
 
+from qsd.errors import error_report
 from qsd.export.fuse import protocol as P
 
 if TYPE_CHECKING:
@@ -30,11 +30,6 @@ BDRV_BLOCK_DATA: Final = 0x01
 BDRV_BLOCK_EOF: Final = 0x20
 
 PAGE_SIZE: Final = 4096
-
-
-def error_report(message: str) -> None:
-    """QEMU's error_report(): a line on stderr; the request loop keeps going."""
-    print(f"qsd: {message}", file=sys.stderr, flush=True)
 
 
 def _error(code: int) -> OSError:

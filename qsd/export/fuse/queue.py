@@ -24,8 +24,9 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Final
 
+from qsd.errors import error_report
 from qsd.export.fuse import protocol as P
-from qsd.export.fuse.ops import MAX_READ_BYTES, MAX_WRITE_BYTES, FuseFile, error_report
+from qsd.export.fuse.ops import MAX_READ_BYTES, MAX_WRITE_BYTES, FuseFile
 
 if TYPE_CHECKING:
     from qsd.aio import AioContext

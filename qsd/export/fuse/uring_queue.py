@@ -25,9 +25,10 @@ from collections.abc import Callable
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Final
 
+from qsd.errors import error_report
 from qsd.export.fuse import protocol as P
 from qsd.export.fuse.io_uring import CQE, CQE_SIZE, SQE_CMD_OFFSET, SQE_SIZE, Ring, uring_cmd_sqe
-from qsd.export.fuse.ops import MAX_WRITE_BYTES, error_report
+from qsd.export.fuse.ops import MAX_WRITE_BYTES
 
 if TYPE_CHECKING:
     from qsd.export.fuse.queue import FuseQueue
