@@ -23,12 +23,12 @@ from tests.test_fuse import (
     arun,
     fio,
     fio_load,
-    fuse_dir,
     fuse_fds,
     load_ended,
     run,
     session,
-    threads,
+    thread_ids,
+    threads_beyond,
 )
 
 ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
@@ -41,9 +41,6 @@ pytestmark = [
                        reason="this kernel has no FUSE over io_uring (no fuse module "
                               "parameter enable_uring)"),
 ]
-
-__all__ = ["fuse_dir"]
-
 
 @pytest.fixture
 def uring_param() -> Iterator[Path]:
@@ -164,7 +161,8 @@ async def test_delete_under_load_leaves_nothing(fuse_dir: Path, start_qsd: QsdFa
     async with session(daemon) as s:
         # The event loops open io_urings and threads of their own on first use: count
         # against what is there after a first round.
-        baseline: tuple[int, int, int] | None = None
+        baseline: tuple[int, int] | None = None
+        baseline_threads: set[int] = set()
         for _ in range(3):
             await s.add_fuse("export", "null", mp, writable=True, iothread=["io0", "io1"],
                              **{"io-uring": io_uring})
@@ -177,11 +175,12 @@ async def test_delete_under_load_leaves_nothing(fuse_dir: Path, start_qsd: QsdFa
                 await s.delete("export")
                 assert str(mp) not in fuse_mounts()
                 assert fuse_fds(daemon.pid) == 0
-                state = (io_uring_fds(daemon.pid), io_uring_mappings(daemon.pid),
-                         threads(daemon.pid))
+                state = (io_uring_fds(daemon.pid), io_uring_mappings(daemon.pid))
                 if baseline is not None:
                     assert state == baseline
+                    assert await threads_beyond(daemon.pid, baseline_threads) == set()
                 baseline = state
+                baseline_threads = thread_ids(daemon.pid)
                 assert await load_ended(load, 30) != 0
         assert await s.cmd("query-block-exports") == []
 

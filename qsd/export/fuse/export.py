@@ -284,7 +284,7 @@ class FuseExport(BlockExport):
         answered.  Like QEMU's export, the BlockBackend does not park our requests while
         drained: a request taken just as the drain began must finish inside the section,
         because a deletion waits for it there."""
-        return any(queue.attached or queue.in_flight for queue in self.queues)
+        return any(queue.attached or queue.tasks for queue in self.queues)
 
     def _halt(self) -> None:
         """After a request we could not parse nothing on the fds can be trusted: stop all

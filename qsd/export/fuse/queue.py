@@ -104,8 +104,11 @@ class FuseQueue:
         self._view = memoryview(self._buf)
         # FileIO.readinto returns None on EAGAIN: cheaper than catching BlockingIOError.
         self._reader = io.FileIO(fd, "rb", closefd=False)
-        self._tasks: set[asyncio.Task[None]] = set()
-        # Requests being processed by tasks (in_use(); shutdown waits for them).
+        # Requests being processed by tasks; shutdown and drains wait for them.
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Requests whose answer has not gone out yet (in_use()).  It drops before the
+        # answer is sent: once the client has its answer, a block-export-del it sends
+        # next must not find the request still counted.
         self.in_flight = 0
         # Whether the fd reader is registered in ctx.loop (changed in ctx's thread only).
         self.attached = False
@@ -173,8 +176,8 @@ class FuseQueue:
         """In ctx's loop: stop reading for good and wait for every request in flight."""
         self.stopped = True
         self.detach()
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
 
     def close(self) -> None:
         """Releases the queue's own epoll (the /dev/fuse fd belongs to the export)."""
@@ -375,24 +378,21 @@ class FuseQueue:
     def spawn(self, work: Awaitable[bytes | None], done: Done) -> None:
         self.in_flight += 1
         task = self.ctx.loop.create_task(self._answer(work, done))
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self.in_flight -= 1
-
-    @staticmethod
-    async def _answer(work: Awaitable[bytes | None], done: Done) -> None:
+    async def _answer(self, work: Awaitable[bytes | None], done: Done) -> None:
+        payload: bytes | None = None
+        code = 0
         try:
             payload = await work
         except OSError as e:
-            done(None, e.errno or errno.EIO)
+            code = e.errno or errno.EIO
         except Exception as e:  # noqa: BLE001 - the kernel must get an answer regardless
             error_report(f"FUSE request failed: {e!r}")
-            done(None, errno.EIO)
-        else:
-            done(payload or b"", 0)
+            code = errno.EIO
+        self.in_flight -= 1
+        done(None if code else payload or b"", code)
 
     # -- replies ------------------------------------------------------------------------------
 
