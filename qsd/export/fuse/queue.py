@@ -22,7 +22,7 @@ import os
 import select
 from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from qsd.errors import error_report
 from qsd.export.fuse import protocol as P
@@ -30,7 +30,16 @@ from qsd.export.fuse.ops import MAX_READ_BYTES, MAX_WRITE_BYTES, FuseFile
 
 if TYPE_CHECKING:
     from qsd.aio import AioContext
-    from qsd.export.fuse.uring_queue import FuseRing
+
+class QueueRing(Protocol):
+    """What a queue asks of its io_uring (uring_queue.FuseRing, which serves the queue:
+    the dependency goes that way only)."""
+
+    def register(self) -> None: ...
+    def attach(self) -> None: ...
+    def detach(self) -> None: ...
+    def close(self) -> None: ...
+
 
 # A whole WRITE request (headers plus max_write bytes) must fit: the kernel refuses reads
 # into anything smaller than that (and than FUSE_MIN_READ_BUFFER).
@@ -85,7 +94,7 @@ class FuseQueue:
         self._on_init = on_init
         # FUSE over io_uring: set up by the export; requests come through it once the
         # kernel has agreed in INIT and every queue has registered its entries.
-        self.ring: FuseRing | None = None
+        self.ring: QueueRing | None = None
         self.ring_active = False
         # All fds of one connection become readable together, so every queue's loop
         # would wake for each request and all but one would read EAGAIN.  With several
