@@ -356,10 +356,10 @@ async def test_drain_waits_for_a_drivers_metadata_io(graph: BlockGraph,
     assert not blk.quiesced
 
 
-async def test_requests_inside_a_drained_section(graph: BlockGraph, workdir: Path) -> None:
+async def test_requests_inside_a_drained_section(graph: BlockGraph, tmp_path: Path) -> None:
     """A request that arrives while drained waits for drained_end, unless its backend's
     owner disabled request queuing (exports, whose drained_poll counts what they took)."""
-    img = image(workdir / "q.img", 1 << 20)
+    img = image(tmp_path / "q.img", 1 << 20)
     node = await add(graph, driver="file", **{"node-name": "q0"}, filename=str(img))
     queuing = BlockBackend(graph, node, perm=RW, shared=PERM_ALL)
     direct = BlockBackend(graph, node, perm=RW, shared=PERM_ALL)
