@@ -133,14 +133,15 @@ class VirtQueue:
     # ---- control (each runs in ctx's thread; the device calls them through ctx) ---------
 
     def start(self, ring: Ring, kick_fd: int) -> None:
-        """SET_VRING_KICK: the ring is in place; serve it."""
+        """SET_VRING_KICK: the ring is in place; serve it (without a kick fd only what is
+        there now: no polling mode)."""
         with self.lock:
             self.ring = ring
             self.mem = ring.mem
             self.unmapped = False
             self.kick_fd = kick_fd
         self.attach()
-        self._kicked()
+        self._serve()
 
     async def halt(self) -> None:
         """Stops taking requests and finishes those taken; the ring's position becomes
@@ -218,7 +219,7 @@ class VirtQueue:
     def _resume(self) -> None:
         self.attach()
         if self.attached:
-            self._kicked()
+            self._serve()
 
     def _in_ctx(self, fn: Callable[[], None]) -> None:
         if self.ctx.in_this_thread():
@@ -234,8 +235,16 @@ class VirtQueue:
         except BlockingIOError:
             pass
         except OSError as exc:
-            self._broken(f"kick eventfd_read(): {os.strerror(exc.errno or 0)}")
+            with self.lock:
+                self._fail(f"kick eventfd_read(): {os.strerror(exc.errno or 0)}")
             return
+        self._serve()
+
+    def _serve(self) -> None:
+        """Takes requests until the ring stays empty for the poll window.  Kicks stay off
+        meanwhile (the driver need not make a system call for a queue that is looking
+        anyway); they are asked for again, and the ring checked once more, only before
+        the loop goes back to sleep."""
         while not self.paused and not self.stopping:
             with self.lock:
                 ring = self.ring
@@ -249,15 +258,26 @@ class VirtQueue:
                     done = self._take(ring)
                     if done:
                         self._publish(ring, done)
-                    if ring.want_kicks():
-                        continue
                 except RingError as exc:
-                    self.ring = None
-                    self.detach()
-                    self._broken(str(exc))
+                    self._fail(str(exc))
                     return
-            if not self._poll(ring):
-                return
+            if self._poll(ring):
+                continue
+            with self.lock:
+                if self.ring is not ring:
+                    return
+                try:
+                    if not ring.want_kicks():
+                        return
+                except RingError as exc:
+                    self._fail(str(exc))
+                    return
+
+    def _fail(self, reason: str) -> None:
+        """The driver broke the ring (lock held): stop serving it, report."""
+        self.ring = None
+        self.detach()
+        self._on_broken(reason)
 
     def _poll(self, ring: Ring) -> bool:
         """Watches the ring for the poll window; True if a request arrived.  The window
@@ -452,12 +472,7 @@ class VirtQueue:
                 ring.push(head, in_len, slots)
                 self._publish(ring, 1)
             except RingError as exc:
-                self.ring = None
-                self.detach()
-                self._broken(str(exc))
-
-    def _broken(self, reason: str) -> None:
-        self._on_broken(reason)
+                self._fail(str(exc))
 
 
 def _copy_into_prefix(views: list[memoryview], data: bytes) -> None:
