@@ -94,6 +94,8 @@ class Fuzzer:
                 self.rings(fe, packed=kind > 0.6)
         except (Disconnected, BrokenPipeError, ConnectionResetError):
             self.dropped += 1
+        except Exception as exc:
+            raise AssertionError(f"seed {SEED}, session {self.sessions}") from exc
         finally:
             fe.close()
 
