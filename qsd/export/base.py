@@ -38,6 +38,9 @@ class BlockExport:
 
     type: ClassVar[str]
     supports_multithread: ClassVar[bool] = False
+    # QEMU's vhost-user-blk export stops its server inside block-export-del (a nested
+    # event loop that also runs the deletion), so there the event precedes the reply.
+    deleted_before_reply: ClassVar[bool] = False
 
     def __init__(self, daemon: ExportHost, export_id: str, node_name: str, blk: BlockBackend,
                  contexts: list[AioContext]) -> None:

@@ -115,7 +115,8 @@ class ExportRegistry:
         """Stops serving before the command returns, as QEMU's request_shutdown does.
 
         A client cut off by ``mode=hard`` must see its next request fail even if it sends
-        it right after the reply.  Releasing the node and the event follow afterwards.
+        it right after the reply.  Releasing the node and the event follow afterwards,
+        except for the types whose deletion QEMU completes before the reply.
         The node is drained meanwhile: requests that a throttle node holds back go at once
         then, so that stopping does not wait for them (QEMU's export deletion does not).
         """
@@ -128,13 +129,17 @@ class ExportRegistry:
                 async with drain.drained(self.daemon.graph.lock, [root.node]):
                     await exp.shutdown()
         finally:
-            task = asyncio.get_running_loop().create_task(self._release(exp))
-            self._deletions.add(task)
-            task.add_done_callback(self._deletions.discard)
+            if type(exp).deleted_before_reply:
+                await self._release(exp)
+            else:
+                task = asyncio.get_running_loop().create_task(self._release(exp, defer=True))
+                self._deletions.add(task)
+                task.add_done_callback(self._deletions.discard)
 
-    async def _release(self, exp: BlockExport) -> None:
-        # Let the command's reply go out before the event, as QEMU's bottom half does.
-        await asyncio.sleep(0)
+    async def _release(self, exp: BlockExport, *, defer: bool = False) -> None:
+        if defer:
+            # Let the command's reply go out before the event, as QEMU's bottom half does.
+            await asyncio.sleep(0)
         try:
             # The event promises the node is free again (locks included), so wait for it.
             await exp.blk.detach()

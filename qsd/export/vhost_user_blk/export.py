@@ -40,8 +40,8 @@ MAX_BLOCK_SIZE = 2 * 1024 * 1024
 
 
 def _check_block_size(value: int) -> None:
-    """QEMU's check_block_size() for logical-block-size."""
-    if value < MIN_BLOCK_SIZE or value > MAX_BLOCK_SIZE or value & (value - 1):
+    """QEMU's check_block_size() for logical-block-size (0 passes: "unset")."""
+    if value and (value < MIN_BLOCK_SIZE or value > MAX_BLOCK_SIZE or value & (value - 1)):
         raise QMPError(f"parameter logical-block-size must be a power of 2 between "
                        f"{MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}")
 
@@ -55,6 +55,7 @@ def _listen(addr: SocketAddress) -> Listener:
 class VhostUserBlkExport(BlockExport):
     type = "vhost-user-blk"
     supports_multithread = True
+    deleted_before_reply = True
 
     def __init__(self, daemon: ExportHost, export_id: str, node_name: str, blk: BlockBackend,
                  contexts: list[AioContext], device: BlkDevice, listener: Listener,
@@ -72,6 +73,9 @@ class VhostUserBlkExport(BlockExport):
                      contexts: list[AioContext]) -> VhostUserBlkExport:
         block_size = P.SECTOR_SIZE if opts.logical_block_size is None else opts.logical_block_size
         _check_block_size(block_size)
+        # 11.1.3 takes 0 as the block size itself and dies of a division by zero at the
+        # first request; 0 means the default here.
+        block_size = block_size or P.SECTOR_SIZE
         num_queues = 1 if opts.num_queues is None else opts.num_queues
         if num_queues == 0:
             raise QMPError("num-queues must be greater than 0")
