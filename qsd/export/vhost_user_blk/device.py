@@ -437,11 +437,14 @@ class Connection:
         if not fds_ok(len(msg.fds)):
             raise Panic(f"VHOST_USER_{name}_MEM_REG received {len(msg.fds)} fds - {expected} "
                         "should be sent for this message type")
-        size = P.MEM_REG_MSG.size + P.MEM_REGION.size
-        if len(msg.payload) < size:
+        # QEMU's minimum is one region without the padding before it; what is missing of
+        # the region then reads as zeroes (its message buffer starts zeroed).
+        if len(msg.payload) < P.MEM_REGION.size:
             raise Panic(f"VHOST_USER_{name}_MEM_REG requires a message size of at least "
-                        f"{size} bytes and only {len(msg.payload)} bytes were received")
-        gpa, length, uva, offset = P.MEM_REGION.unpack_from(msg.payload, P.MEM_REG_MSG.size)
+                        f"{P.MEM_REGION.size} bytes and only {len(msg.payload)} bytes were "
+                        "received")
+        payload = msg.payload.ljust(P.MEM_REG_MSG.size + P.MEM_REGION.size, b"\0")
+        gpa, length, uva, offset = P.MEM_REGION.unpack_from(payload, P.MEM_REG_MSG.size)
         return gpa, length, uva, offset
 
     async def _add_mem_reg(self, msg: Message) -> bytes | None:

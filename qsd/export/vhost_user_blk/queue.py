@@ -320,9 +320,11 @@ class VirtQueue:
     def _request(self, head: int, out: list[memoryview], inn: list[memoryview],
                  slots: int) -> int:
         """Serves one request; returns the length written to the driver if it completed,
-        -1 if a task will complete it."""
+        -1 if a task will complete it or it is dropped.  A request without its headers is
+        reported and dropped, never completed, as QEMU does: the device keeps serving."""
         if not out or not inn:
-            raise RingError("virtio-blk request missing headers")
+            error_report("virtio-blk request missing headers")
+            return -1
         hdr = out[0]
         if len(hdr) == 16:
             rtype, _, sector = _OUTHDR.unpack(hdr)
@@ -330,7 +332,8 @@ class VirtQueue:
         else:
             joined = b"".join(out)
             if len(joined) < 16:
-                raise RingError("virtio-blk request outhdr too short")
+                error_report("virtio-blk request outhdr too short")
+                return -1
             rtype, _, sector = _OUTHDR.unpack_from(joined)
             data_out = [memoryview(joined)[16:]] if len(joined) > 16 else []
         in_len = sum(map(len, inn))
