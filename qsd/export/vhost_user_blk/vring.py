@@ -12,7 +12,11 @@ does.  The texts are QEMU's.
 Ordering: the driver runs on other CPUs.  x86 keeps loads and stores in program order
 except that a later load may pass an earlier store; ``full_barrier()`` closes that gap
 where virtio needs it (publishing the used index, then reading whether to notify;
-publishing the event index, then re-reading the available index).
+publishing the event index, then re-reading the available index).  A field the driver
+may be reading at that very moment (used index, event index, flags) is written with one
+16-bit store through a ``memoryview`` cast: ``struct.pack_into`` clears its target before
+it packs, and a driver that looks in between reads 0 (a used index gone back to 0 makes
+it take thousands of stale entries; an event index of 0 makes it skip a kick).
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ class _Areas:
 
     num: int
     mem: GuestMemory
+    desc16: memoryview
+    used16: memoryview
 
     def sizes(self) -> tuple[int, int, int]:
         raise NotImplementedError
@@ -110,6 +116,9 @@ class _Areas:
         self.mem = mem
         self.dmm, self.doff, self.amm, self.aoff, self.umm, self.uoff = (
             dmm, doff, amm, aoff, umm, uoff)
+        # 16-bit views for the fields written while the driver may read them.
+        self.desc16 = memoryview(dmm)[doff:doff + desc_size].cast("H")
+        self.used16 = memoryview(umm)[uoff:uoff + used_size].cast("H")
 
 
 class SplitRing(_Areas):
@@ -244,7 +253,7 @@ class SplitRing(_Areas):
     def flush(self, count: int) -> bool:
         """Publishes the last ``count`` pushes; True if the driver wants an interrupt."""
         new = self.used_idx
-        _U16.pack_into(self.umm, self.uoff + 2, new)
+        self.used16[1] = new
         if self.inflight is not None:
             self.inflight.published(new)
         if (new - self.signalled_used) & 0xFFFF < count:
@@ -265,14 +274,14 @@ class SplitRing(_Areas):
         """No kicks wanted while the queue is busy anyway.  With event indices nothing
         to do: the driver kicks only when it passes the index ``want_kicks`` published."""
         if not self.event_idx:
-            _U16.pack_into(self.umm, self.uoff, P.USED_F_NO_NOTIFY)
+            self.used16[0] = P.USED_F_NO_NOTIFY
 
     def want_kicks(self) -> bool:
         """Asks for a kick on the next request; True if one arrived meanwhile."""
         if self.event_idx:
-            _U16.pack_into(self.umm, self.uoff + 4 + 8 * self.num, self.last_avail)
+            self.used16[2 + 4 * self.num] = self.last_avail
         else:
-            _U16.pack_into(self.umm, self.uoff, 0)
+            self.used16[0] = 0
         full_barrier()
         return self.has_work()
 
@@ -372,7 +381,7 @@ class PackedRing(_Areas):
         off = self.doff + self.used_idx * _DESC_SIZE
         _PACKED_USED.pack_into(self.dmm, off + 8, length, buf_id)
         flags = _F_AVAIL | _F_USED if self.used_wrap else 0
-        _U16.pack_into(self.dmm, off + 14, flags)
+        self.desc16[self.used_idx * 8 + 7] = flags
         idx = self.used_idx + slots
         if idx >= self.num:
             idx -= self.num
@@ -399,9 +408,9 @@ class PackedRing(_Areas):
         return not valid or need_event(off & 0xFFFF, new, old)
 
     def quiet(self) -> None:
-        _U16X2.pack_into(self.umm, self.uoff, 0, P.PACKED_EVENT_DISABLE)
+        self.used16[1] = P.PACKED_EVENT_DISABLE
 
     def want_kicks(self) -> bool:
-        _U16X2.pack_into(self.umm, self.uoff, 0, P.PACKED_EVENT_ENABLE)
+        self.used16[1] = P.PACKED_EVENT_ENABLE
         full_barrier()
         return self.has_work()
