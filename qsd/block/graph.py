@@ -101,7 +101,9 @@ class BlockGraph:
         child = Child(parent, name, node, role, perm, shared)
         with Transaction() as tran:
             self._link(child, tran)
-            self._update_permissions([node], tran)
+            # A parent node decides what the new edge needs right away (QEMU asks the
+            # parent's driver when it attaches): an opening format locks its file then.
+            self._update_permissions([child.parent_node or node], tran)
         self._linked(child)
         return child
 

@@ -227,6 +227,9 @@ class BlockNode(ChildParent):
         self.parents: list[Child] = []       # newest first, like QEMU's lists
         self.children: list[Child] = []      # newest first
         self.monitor_owned = False
+        # QEMU's bs->drv == NULL: a driver gave up on the node (a qcow2 image found
+        # corrupt); its requests fail and queries refuse it.
+        self.ejected = False
         self.opened = False     # set by the graph once open() and its checks succeeded
         self.closed = False
         self.quiesce_counter = 0

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from qsd.block.node import BlockNode, Child
 from qsd.block.permissions import ChildRole, qapi_perm_list
+from qsd.errors import QMPError
 
 if TYPE_CHECKING:
     from qsd.block.graph import BlockGraph
@@ -60,6 +61,8 @@ def backing_file_depth(node: BlockNode) -> int:
 
 def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, object]:
     """QAPI BlockDeviceInfo for query-named-block-nodes, members in schema order."""
+    if node.ejected:
+        raise QMPError(f"Block device {node.node_name} is ejected")
     info: dict[str, object] = {
         "file": node.filename,
         "node-name": node.node_name,

@@ -144,7 +144,6 @@ class Qcow2Node(BlockNode):
         self.bitmaps: list[dict[str, Any]] = []
         self.snapshots: list[tuple[int, int]] = []
         self.corrupt_signalled = False
-        self.broken = False               # QEMU's bs->drv = NULL after fatal corruption
         self.inflight: dict[int, _InFlight] = {}
         self.decompressed: tuple[int, bytes] = (-1, b"")
         self.metadata_preallocation: bool | None = None
@@ -374,7 +373,11 @@ class Qcow2Node(BlockNode):
             ref = await self._backing_ref()
         else:
             return
-        await children.open_child(self, ref, "backing", ChildRole.COW)
+        try:
+            await children.open_child(self, ref, "backing", ChildRole.COW)
+        except QMPError as exc:
+            raise QMPError(f"Could not open backing file: {exc.desc}",
+                           exc.error_class) from None
 
     async def _backing_ref(self) -> dict[str, object]:
         filename = self.full_backing_filename()
@@ -560,7 +563,7 @@ class Qcow2Node(BlockNode):
             events.emit("BLOCK_IMAGE_CORRUPTED", data)
             if fatal:
                 self.header.incompatible_features |= fmt.INCOMPAT_CORRUPT
-                self.broken = True
+                self.ejected = True
                 self.start_background(self._write_corrupt_bit())
             self.corrupt_signalled = True
         return _err(errno.EIO)
@@ -574,7 +577,7 @@ class Qcow2Node(BlockNode):
             pass
 
     def _check_usable(self) -> None:
-        if self.broken:
+        if self.ejected:
             raise OSError(errno.ENOMEDIUM, os.strerror(errno.ENOMEDIUM))
 
     # ---- the header --------------------------------------------------------------------
@@ -726,6 +729,8 @@ class Qcow2Node(BlockNode):
         else:
             table = array("Q", bytes(self.header.cluster_size))
         new = await rc.allocate(1)
+        if new == 0:
+            raise self.corruption("Preventing invalid allocation of L2 table at offset 0")
         self.check_overlap(new, self.header.cluster_size, 0)
         self.set_meta(new, 1, OL_ACTIVE_L2)
         await caches.evict_for(cache)
@@ -809,7 +814,7 @@ class Qcow2Node(BlockNode):
         self._fast_backing = _fast_target(self.cow_child())
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
-        if self.broken or self.geo is None:
+        if self.ejected or self.geo is None:
             return None
         table = self._peek_l2(offset)
         if table is False:
@@ -881,7 +886,7 @@ class Qcow2Node(BlockNode):
     def write_nowait(self, offset: int, data: Data, fua: bool = False) -> bool:
         """Overwrites allocated data clusters in place, without metadata changes."""
         geo = self.geo
-        if self.broken or geo is None:
+        if self.ejected or geo is None:
             return False
         table = self._peek_l2(offset)
         if not table:
@@ -1033,6 +1038,8 @@ class Qcow2Node(BlockNode):
             piece.new_entry = new_entry
         if not inplace and not external and (old_host or compressed):
             piece.free_entry = entry
+        # QEMU checks the guest data first, then the copy-on-write regions.
+        self.check_data_overlap(piece.host + start, end - start)
         self.check_data_overlap(piece.host + piece.lo, piece.hi - piece.lo)
         return piece
 
@@ -1272,7 +1279,7 @@ class Qcow2Node(BlockNode):
         await caches.write_all(caches.refblocks)
 
     async def do_flush(self) -> None:
-        if self.broken or self.caches is None:
+        if self.ejected or self.caches is None:
             return
         async with self.lock:
             rc = self.refcounts
@@ -1284,7 +1291,7 @@ class Qcow2Node(BlockNode):
 
     async def inactivate(self) -> None:
         self._stop_clean_timer()
-        if self.caches is None or self.read_only or self.broken:
+        if self.caches is None or self.read_only or self.ejected:
             return
         async with self.lock:
             try:

@@ -250,6 +250,9 @@ class Refcounts:
             assert block is not None
             return block
         new = await self._find_free(1)
+        if new == 0:
+            raise self.image.corruption(
+                "Preventing invalid allocation of refcount block at offset 0")
         block = bytearray(self.cluster_size)
         if new >> self.block_bits == table_index:
             fmt.set_refcount(block, new & ((1 << self.block_bits) - 1), self.order, 1)
