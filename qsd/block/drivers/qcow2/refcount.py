@@ -11,7 +11,7 @@ Crash safety, in the order things reach the file:
   synced, with every refcount that accounts for it, before the header points at it; the
   old table is freed only afterwards;
 - a cluster whose refcount dropped to 0 is not handed out again before the next flush
-  (``free_cluster_index`` only moves back in ``flushed()``), so a reference to it that is
+  has written the tables that dropped it (``flushed()``), so a reference to it that is
   still on disk never meets new data.
 """
 
@@ -82,7 +82,11 @@ class Refcounts:
         self.table_offset = header.refcount_table_offset
         self.table_clusters = header.refcount_table_clusters
         self.free_cluster_index = 0
-        self._lowest_freed: int | None = None
+        # One past the highest cluster ever handed out: data may not have reached the
+        # file yet, so the file's end does not say where free space begins.
+        self.allocated_end = 0
+        # Clusters freed since the last flush: not handed out again before it.
+        self.unflushed_frees: set[int] = set()
         # Set while repairing: new structures go past everything the image uses.
         self.allocate_from: int = 0
 
@@ -138,8 +142,7 @@ class Refcounts:
             fmt.set_refcount(block, index, self.order, value)
             self._mark_dirty(cluster)
             if value == 0:
-                if self._lowest_freed is None or cluster < self._lowest_freed:
-                    self._lowest_freed = cluster
+                self.unflushed_frees.add(cluster)
                 if freed_start < 0:
                     freed_start = cluster
             elif freed_start >= 0:
@@ -166,7 +169,7 @@ class Refcounts:
             await self.update(cluster << self.cluster_bits, 1, value - current)
 
     def has_freed(self) -> bool:
-        return self._lowest_freed is not None
+        return bool(self.unflushed_frees)
 
     async def last_used(self) -> int:
         """The highest cluster with a refcount (-1 if none)."""
@@ -182,9 +185,9 @@ class Refcounts:
 
     def flushed(self) -> None:
         """The refcounts are on disk: clusters freed before may be handed out again."""
-        if self._lowest_freed is not None:
-            self.free_cluster_index = min(self.free_cluster_index, self._lowest_freed)
-            self._lowest_freed = None
+        if self.unflushed_frees:
+            self.free_cluster_index = min(self.free_cluster_index, min(self.unflushed_frees))
+            self.unflushed_frees.clear()
 
     # ---- allocation ---------------------------------------------------------------------
 
@@ -202,7 +205,7 @@ class Refcounts:
                 run += step
                 continue
             index = (cluster + run) & (per_block - 1)
-            if fmt.get_refcount(block, index, self.order):
+            if fmt.get_refcount(block, index, self.order) or cluster + run in self.unflushed_frees:
                 cluster += run + 1
                 run = 0
             else:
@@ -230,6 +233,7 @@ class Refcounts:
         await self.update(cluster << self.cluster_bits, count << self.cluster_bits, 1)
         # The search passed over used clusters only (QEMU's alloc_clusters_noref).
         self.free_cluster_index = max(self.free_cluster_index, cluster + count)
+        self.allocated_end = max(self.allocated_end, cluster + count)
         return cluster << self.cluster_bits
 
     async def allocate_bytes(self, size: int) -> int:
@@ -263,6 +267,7 @@ class Refcounts:
                 return await self._block(table_index) or block
         offset = new << self.cluster_bits
         self.free_cluster_index = max(self.free_cluster_index, new + 1)
+        self.allocated_end = max(self.allocated_end, new + 1)
         self.image.set_meta(offset, 1, OL_REFCOUNT_BLOCK)
         await self.caches.evict_for(self.cache)
         entry = self.cache.insert(offset, block)
@@ -281,7 +286,7 @@ class Refcounts:
         per_block = 1 << self.block_bits
         per_table_cluster = cs // 8
         start = max(-(-self.image.file_end() // cs), self.allocate_from,
-                    self.free_cluster_index)
+                    self.free_cluster_index, self.allocated_end)
         entries = max(needed_index + 1, len(self.table) * 3 // 2)
         while True:
             table_clusters = -(-entries // per_table_cluster)
@@ -328,5 +333,6 @@ class Refcounts:
         self.image.set_meta(self.table_offset, table_clusters, OL_REFCOUNT_TABLE)
         if self.free_cluster_index >= start:
             self.free_cluster_index = area_end
+        self.allocated_end = max(self.allocated_end, area_end)
         await self.free(old_offset, old_clusters * cs, DISCARD_OTHER)
 
