@@ -33,6 +33,7 @@ from qsd.block.drivers.qcow2.cache import Caches, TableCache
 from qsd.block.drivers.qcow2.create import create_qcow2
 from qsd.block.drivers.qcow2.refcount import (
     DISCARD_ALWAYS,
+    DISCARD_NEVER,
     DISCARD_OTHER,
     DISCARD_REQUEST,
     OL_ACTIVE_L1,
@@ -206,10 +207,11 @@ class Qcow2Node(BlockNode):
             raise QMPError(f"Unsupported subcluster size: {geo.subcluster_size}")
         if hdr.refcount_order > 6:
             raise QMPError("Reference count entry width too large; may not exceed 64 bits")
+        if hdr.crypt_method > fmt.CRYPT_LUKS:
+            raise QMPError(f"Unsupported encryption method {hdr.crypt_method}")
         if hdr.crypt_method:
             # QEMU decrypts with a key secret; qsd has no block encryption at all.
-            method = {fmt.CRYPT_AES: "aes", fmt.CRYPT_LUKS: "luks"}.get(
-                hdr.crypt_method, str(hdr.crypt_method))
+            method = "aes" if hdr.crypt_method == fmt.CRYPT_AES else "luks"
             raise QMPError(f"Encrypted qcow2 images ({method}) are not supported; "
                            "'qemu-img convert' makes an unencrypted copy")
         if options.encrypt is not None:
@@ -692,8 +694,8 @@ class Qcow2Node(BlockNode):
         if cached is not None:
             return cached.table
         if offset & (self.header.cluster_size - 1):
-            raise self.corruption(f"L2 table offset {offset:#x} unaligned (L1 index: "
-                                  f"{l1_index:#x})")
+            raise self.corruption(f"L2 table offset {fmt.c_hex(offset)} unaligned "
+                                  f"(L1 index: {fmt.c_hex(l1_index)})")
         await self.caches.evict_for(cache)
         table = l2.decode(await self.meta_read(offset, self.header.cluster_size))
         cache.insert(offset, table)
@@ -798,19 +800,20 @@ class Qcow2Node(BlockNode):
             if host & 511 != offset & 511 or (entry & fmt.L2E_OFFSET_MASK) & (
                     geo.cluster_size - 1):
                 raise self.corruption(
-                    f"Cluster allocation offset {entry & fmt.L2E_OFFSET_MASK:#x} unaligned "
-                    f"(L2 offset: {self.l1[geo.l1_index(offset)] & fmt.L1E_OFFSET_MASK:#x}, "
-                    f"L2 index: {index:#x})")
+                    f"Cluster allocation offset {fmt.c_hex(entry & fmt.L2E_OFFSET_MASK)} "
+                    f"unaligned (L2 offset: "
+                    f"{fmt.c_hex(self.l1[geo.l1_index(offset)] & fmt.L1E_OFFSET_MASK)}, "
+                    f"L2 index: {fmt.c_hex(index)})")
         elif kind == l2.INVALID:
             if geo.extended:
                 raise self.corruption(
                     f"Invalid cluster entry found (L2 offset: "
-                    f"{self.l1[geo.l1_index(offset)] & fmt.L1E_OFFSET_MASK:#x}, "
-                    f"L2 index: {index:#x})")
+                    f"{fmt.c_hex(self.l1[geo.l1_index(offset)] & fmt.L1E_OFFSET_MASK)}, "
+                    f"L2 index: {fmt.c_hex(index)})")
             raise self.corruption(
                 f"Zero cluster entry found in pre-v3 image (L2 offset: "
-                f"{self.l1[geo.l1_index(offset)] & fmt.L1E_OFFSET_MASK:#x}, "
-                f"L2 index: {index:#x})")
+                f"{fmt.c_hex(self.l1[geo.l1_index(offset)] & fmt.L1E_OFFSET_MASK)}, "
+                f"L2 index: {fmt.c_hex(index)})")
         return kind, host, nbytes, entry
 
     async def _map(self, offset: int, length: int) -> tuple[int, int, int, int]:
@@ -990,7 +993,12 @@ class Qcow2Node(BlockNode):
         async with self.lock:
             pieces = await self._plan(offset, data)
         try:
-            await self._write_pieces(pieces, offset, data, fua)
+            try:
+                await self._write_pieces(pieces, offset, data, fua)
+            except OSError:
+                async with self.lock:
+                    await self._unallocate(pieces)
+                raise
             async with self.lock:
                 await self._link(pieces)
         finally:
@@ -1139,6 +1147,15 @@ class Qcow2Node(BlockNode):
         if kind in (l2.ZERO_PLAIN, l2.ZERO_ALLOC):
             return bytes(hi - lo)
         return await self._backing_read(piece.guest + lo, hi - lo)
+
+    async def _unallocate(self, pieces: list[_Piece]) -> None:
+        """Gives back the clusters of a write that failed before it was linked (QEMU's
+        qcow2_alloc_cluster_abort)."""
+        rc, geo = self.refcounts, self.geo
+        assert rc is not None and geo is not None
+        for piece in pieces:
+            if piece.new_cluster:
+                await rc.free(piece.host, geo.cluster_size, DISCARD_NEVER)
 
     async def _link(self, pieces: list[_Piece]) -> None:
         """Points the L2 entries at the written clusters, then frees what they replace."""

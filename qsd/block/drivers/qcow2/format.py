@@ -96,6 +96,13 @@ BITMAP_ALL_ALLOC = (1 << 32) - 1
 BITMAP_ALL_ZEROES = BITMAP_ALL_ALLOC << 32
 REFTABLE_ENTRY_SIZE = 8
 
+
+
+def c_hex(value: int) -> str:
+    """``value`` as C's ``%#x`` prints it in QEMU's messages: zero without ``0x``."""
+    return f"{value:#x}" if value else "0"
+
+
 _HEADER_V2 = struct.Struct(">IIQIIQIIQQIIQ")
 _HEADER_V3 = struct.Struct(">QQQII")
 _EXT_HEAD = struct.Struct(">II")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from typing import Protocol
 
 from qsd.block.drivers.qcow2 import format as fmt
@@ -104,7 +105,8 @@ class Refcounts:
             return entry.table
         if offset & (self.cluster_size - 1):
             raise self.image.corruption(
-                f"Refblock offset {offset:#x} unaligned (reftable index: {table_index:#x})")
+                f"Refblock offset {fmt.c_hex(offset)} unaligned "
+                f"(reftable index: {fmt.c_hex(table_index)})")
         await self.caches.evict_for(self.cache)
         block = bytearray(await self.image.meta_read(offset, self.cluster_size))
         self.cache.insert(offset, block)
@@ -240,7 +242,13 @@ class Refcounts:
         return await self.allocate(-(-size // self.cluster_size))
 
     async def free(self, offset: int, length: int, discard: int) -> None:
-        await self.update(offset, length, -1, discard)
+        """QEMU's qcow2_free_clusters(): a failure is reported and the clusters leak;
+        the request that freed them goes on."""
+        try:
+            await self.update(offset, length, -1, discard)
+        except OSError as exc:
+            print(f"qcow2_free_clusters failed: {os.strerror(exc.errno or errno.EIO)}",
+                  file=sys.stderr, flush=True)
 
     # ---- new refcount blocks and a bigger table ---------------------------------------
 
