@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+F = TypeVar("F", bound="asyncio.Future[Any]")
 
 # QEMU's iothread default for poll-max-ns; the main loop uses it too.
 POLL_MAX_NS_DEFAULT = 32768
@@ -49,6 +50,17 @@ class AioContext:
 
 
 _main: AioContext | None = None
+
+
+async def wait_tasks(tasks: set[F]) -> None:
+    """Waits until ``tasks``, a set whose members remove themselves once done, is empty.
+    Finished ones are dropped here too: from Python 3.14 on, gather() of tasks that are
+    all done can return before their done callbacks (the removal) ran, and waiting again
+    would spin without ever letting them run."""
+    while tasks:
+        current = list(tasks)
+        await asyncio.gather(*current, return_exceptions=True)
+        tasks.difference_update(current)
 
 
 def set_main_context(loop: asyncio.AbstractEventLoop) -> AioContext:

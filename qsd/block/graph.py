@@ -23,7 +23,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from typing import Any, Protocol
 
-from qsd.aio import AioContext, main_context
+from qsd.aio import AioContext, main_context, wait_tasks
 from qsd.block import drain, io, registry
 from qsd.block.node import BlockNode, Child, ChildParent, NodeOptions
 from qsd.block.permissions import (
@@ -552,8 +552,7 @@ class BlockGraph:
         """Detaches remaining backends and closes every node, parents before children."""
         for blk in list(self.backends):
             await blk.detach()
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await wait_tasks(self._tasks)
         for node in reversed(list(self.nodes.values())):
             if self.nodes.get(node.node_name) is node and not node.parents:
                 await self._destroy(node)

@@ -6,7 +6,7 @@ import asyncio
 import importlib
 from typing import Any
 
-from qsd.aio import AioContext
+from qsd.aio import AioContext, wait_tasks
 from qsd.block import drain
 from qsd.block.backend import BlockBackend
 from qsd.block.permissions import PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE
@@ -154,8 +154,7 @@ class ExportRegistry:
                 if not exp.shutting_down:
                     await self._shut_down(exp)
                 await asyncio.gather(*self._deletions, return_exceptions=True)
-        while self._deletions:
-            await asyncio.gather(*self._deletions, return_exceptions=True)
+        await wait_tasks(self._deletions)
 
     def query(self) -> list[dict[str, object]]:
         return [{"id": exp.id, "type": exp.type, "node-name": _served_node(exp),

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from qsd.aio import wait_tasks
 from qsd.block.node import BLOCK_DATA, BLOCK_ZERO
 from qsd.errors import error_report
 from qsd.nbd.protocol import (
@@ -195,8 +196,7 @@ class NbdClient(SocketCarrier):
         self.loop.create_task(self._finish())
 
     async def _finish(self) -> None:
-        while self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await wait_tasks(self.tasks)
         if not self.finished.done():
             self.finished.set_result(None)
         self.on_finished(self)

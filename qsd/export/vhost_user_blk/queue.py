@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, Final
 
+from qsd.aio import wait_tasks
 from qsd.errors import error_report
 from qsd.export.vhost_user_blk import protocol as P
 from qsd.export.vhost_user_blk.memory import GuestMemory
@@ -167,8 +168,7 @@ class VirtQueue:
 
     async def idle(self) -> None:
         """Waits until no request of this queue is being processed."""
-        while self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await wait_tasks(self.tasks)
 
     def set_call_fd(self, fd: int) -> None:
         old, self.call_fd = self.call_fd, fd
