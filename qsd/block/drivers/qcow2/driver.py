@@ -749,10 +749,13 @@ class Qcow2Node(BlockNode):
             raise self.corruption("Preventing invalid allocation of L2 table at offset 0")
         self.check_overlap(new, self.header.cluster_size, 0)
         self.set_meta(new, 1, OL_ACTIVE_L2)
+        # The new table's refcount first, as QEMU's l2_allocate does.  Not a dependency
+        # set after the table is in the cache: resolving one the other way round (a
+        # pending free) would write the table, and the L1 entry follow, before it.
+        await caches.flush(caches.refblocks)
         await caches.evict_for(cache)
         cached = cache.insert(new, table)
         cached.dirty = True
-        await caches.set_dependency(caches.l2, caches.refblocks)
         await caches.flush(caches.l2)
         await self._write_l1_entry(l1_index, new | fmt.OFLAG_COPIED)
         if old:
