@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Final, Protocol
 
+from qsd.aio import wait_tasks
 from qsd.errors import error_report
 from qsd.export.fuse import protocol as P
 from qsd.export.fuse.ops import MAX_READ_BYTES, MAX_WRITE_BYTES, FuseFile
@@ -185,8 +186,7 @@ class FuseQueue:
         """In ctx's loop: stop reading for good and wait for every request in flight."""
         self.stopped = True
         self.detach()
-        while self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await wait_tasks(self.tasks)
 
     def close(self) -> None:
         """Releases the queue's own epoll (the /dev/fuse fd belongs to the export)."""
