@@ -199,3 +199,44 @@ def test_open_errors_as_qemu(ceph_cluster: CephCluster, start_qsd: QsdFactory) -
     assert "actual-size" not in node["image"]
     assert node["image"]["format-specific"] == {"type": "rbd", "data": {}}
     assert node["image"]["cluster-size"] == 4 * MiB
+
+
+def _create(mon: Monitor, job_id: str, options: dict[str, object]) -> str | None:
+    """Runs blockdev-create to its end; the job's error, None when it succeeded."""
+    mon.ok("blockdev-create", **{"job-id": job_id}, options=options)
+    while True:
+        event = mon.wait_event("JOB_STATUS_CHANGE", timeout=60)
+        if event["data"] == {"id": job_id, "status": "concluded"}:
+            break
+    job = next(j for j in mon.ok("query-jobs") if j["id"] == job_id)
+    mon.ok("job-dismiss", id=job_id)
+    error: str | None = job.get("error")
+    return error
+
+
+def test_blockdev_create(ceph_cluster: CephCluster, start_qsd: QsdFactory) -> None:
+    """blockdev-create makes images of the size and object size asked for, and fails
+    with 11.1.3's texts; a new image opens and reads back as zeroes."""
+    mon = Monitor(start_qsd())
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    location = {"pool": "rbd", "image": name, "conf": str(ceph_cluster.conf)}
+    assert _create(mon, "c0", {"driver": "rbd", "location": location,
+                               "size": 20 * MiB, "cluster-size": MiB}) is None
+    info = json.loads(ceph_cluster.rbd("info", "--format", "json", f"rbd/{name}"))
+    assert (info["size"], info["order"]) == (20 * MiB, 20)
+    errors = [
+        ({"location": location, "size": MiB}, "error rbd create: File exists"),
+        ({"location": {**location, "image": "x", "snapshot": "s"}, "size": MiB},
+         "Can't use snapshot name for image creation"),
+        ({"location": {**location, "image": "x"}, "size": MiB, "cluster-size": 3000},
+         "obj size needs to be power of 2"),
+        ({"location": {**location, "image": "x"}, "size": MiB, "cluster-size": 2048},
+         "obj size too small"),
+        ({"location": {**location, "pool": "nope"}, "size": MiB},
+         "error opening pool nope: No such file or directory"),
+    ]
+    for i, (options, error) in enumerate(errors):
+        assert _create(mon, f"e{i}", {"driver": "rbd", **options}) == error, options
+    mon.ok("blockdev-add", driver="rbd", **{"node-name": "n"}, **location)
+    node = mon.ok("query-named-block-nodes")[0]
+    assert (node["image"]["virtual-size"], node["image"]["cluster-size"]) == (20 * MiB, MiB)

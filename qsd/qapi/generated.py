@@ -317,6 +317,24 @@ class QCryptoTLSCredsEndpoint(enum.StrEnum):
     server = 'server'
 
 
+class QCryptoCipherAlgo(enum.StrEnum):
+    """QAPI enum QCryptoCipherAlgo."""
+
+    aes_128 = 'aes-128'
+    aes_192 = 'aes-192'
+    aes_256 = 'aes-256'
+    des = 'des'
+    _3des = '3des'
+    cast5_128 = 'cast5-128'
+    serpent_128 = 'serpent-128'
+    serpent_192 = 'serpent-192'
+    serpent_256 = 'serpent-256'
+    twofish_128 = 'twofish-128'
+    twofish_192 = 'twofish-192'
+    twofish_256 = 'twofish-256'
+    sm4 = 'sm4'
+
+
 class QCryptoSecretFormat(enum.StrEnum):
     """QAPI enum QCryptoSecretFormat."""
 
@@ -1511,6 +1529,90 @@ class BlockdevOptionsRbd(_base.QAPIModel):
     )
 
 
+class RbdEncryptionCreateOptionsLUKSBase(RbdEncryptionOptionsLUKSBase):
+    """QAPI struct RbdEncryptionCreateOptionsLUKSBase."""
+
+    cipher_alg: QCryptoCipherAlgo | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+        _base.MemberSpec('cipher-alg', 'cipher_alg', 'QCryptoCipherAlgo', True),
+    )
+
+
+class RbdEncryptionCreateOptionsLUKS(RbdEncryptionCreateOptionsLUKSBase):
+    """QAPI struct RbdEncryptionCreateOptionsLUKS."""
+
+    __qapi_members__ = (
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+        _base.MemberSpec('cipher-alg', 'cipher_alg', 'QCryptoCipherAlgo', True),
+    )
+
+
+class RbdEncryptionCreateOptionsLUKS2(RbdEncryptionCreateOptionsLUKSBase):
+    """QAPI struct RbdEncryptionCreateOptionsLUKS2."""
+
+    __qapi_members__ = (
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+        _base.MemberSpec('cipher-alg', 'cipher_alg', 'QCryptoCipherAlgo', True),
+    )
+
+
+class RbdEncryptionCreateOptions(_base.QAPIModel):
+    """QAPI union RbdEncryptionCreateOptions: a value is one of its Variant classes."""
+
+    format: RbdImageEncryptionFormat
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'RbdImageEncryptionFormat', False),
+    )
+    __qapi_tag__ = 'format'
+
+
+class RbdEncryptionCreateOptionsVariantLuks(RbdEncryptionCreateOptions, RbdEncryptionCreateOptionsLUKS):
+    """RbdEncryptionCreateOptions with format 'luks'."""
+
+    format: RbdImageEncryptionFormat
+    key_secret: builtins.str
+    cipher_alg: QCryptoCipherAlgo | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'RbdImageEncryptionFormat', False),
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+        _base.MemberSpec('cipher-alg', 'cipher_alg', 'QCryptoCipherAlgo', True),
+    )
+
+
+class RbdEncryptionCreateOptionsVariantLuks2(RbdEncryptionCreateOptions, RbdEncryptionCreateOptionsLUKS2):
+    """RbdEncryptionCreateOptions with format 'luks2'."""
+
+    format: RbdImageEncryptionFormat
+    key_secret: builtins.str
+    cipher_alg: QCryptoCipherAlgo | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'RbdImageEncryptionFormat', False),
+        _base.MemberSpec('key-secret', 'key_secret', 'str', False),
+        _base.MemberSpec('cipher-alg', 'cipher_alg', 'QCryptoCipherAlgo', True),
+    )
+
+
+class BlockdevCreateOptionsRbd(_base.QAPIModel):
+    """QAPI struct BlockdevCreateOptionsRbd."""
+
+    location: BlockdevOptionsRbd
+    size: builtins.int
+    cluster_size: builtins.int | None = None
+    encrypt: RbdEncryptionCreateOptions | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('location', 'location', 'BlockdevOptionsRbd', False),
+        _base.MemberSpec('size', 'size', 'size', False),
+        _base.MemberSpec('cluster-size', 'cluster_size', 'size', True),
+        _base.MemberSpec('encrypt', 'encrypt', 'RbdEncryptionCreateOptions', True),
+    )
+
+
 class BlockdevOptionsGenericFormat(_base.QAPIModel):
     """QAPI struct BlockdevOptionsGenericFormat."""
 
@@ -2085,6 +2187,24 @@ class BlockdevCreateOptionsVariantQcow2(BlockdevCreateOptions, BlockdevCreateOpt
         _base.MemberSpec('lazy-refcounts', 'lazy_refcounts', 'bool', True),
         _base.MemberSpec('refcount-bits', 'refcount_bits', 'int', True),
         _base.MemberSpec('compression-type', 'compression_type', 'Qcow2CompressionType', True),
+    )
+
+
+class BlockdevCreateOptionsVariantRbd(BlockdevCreateOptions, BlockdevCreateOptionsRbd):
+    """BlockdevCreateOptions with driver 'rbd'."""
+
+    driver: BlockdevDriver
+    location: BlockdevOptionsRbd
+    size: builtins.int
+    cluster_size: builtins.int | None = None
+    encrypt: RbdEncryptionCreateOptions | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('location', 'location', 'BlockdevOptionsRbd', False),
+        _base.MemberSpec('size', 'size', 'size', False),
+        _base.MemberSpec('cluster-size', 'cluster_size', 'size', True),
+        _base.MemberSpec('encrypt', 'encrypt', 'RbdEncryptionCreateOptions', True),
     )
 
 
@@ -3871,9 +3991,10 @@ ImageInfoSpecific.__qapi_variants__ = {'qcow2': ImageInfoSpecificVariantQcow2, '
 BlockStatsSpecific.__qapi_variants__ = {'file': BlockStatsSpecificVariantFile}
 BlockJobInfo.__qapi_variants__ = {'mirror': BlockJobInfoVariantMirror}
 RbdEncryptionOptions.__qapi_variants__ = {'luks': RbdEncryptionOptionsVariantLuks, 'luks2': RbdEncryptionOptionsVariantLuks2, 'luks-any': RbdEncryptionOptionsVariantLuksAny}
+RbdEncryptionCreateOptions.__qapi_variants__ = {'luks': RbdEncryptionCreateOptionsVariantLuks, 'luks2': RbdEncryptionCreateOptionsVariantLuks2}
 BlockdevQcow2Encryption.__qapi_variants__ = {'aes': BlockdevQcow2EncryptionVariantAes, 'luks': BlockdevQcow2EncryptionVariantLuks}
 BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
-BlockdevCreateOptions.__qapi_variants__ = {'file': BlockdevCreateOptionsVariantFile, 'qcow2': BlockdevCreateOptionsVariantQcow2}
+BlockdevCreateOptions.__qapi_variants__ = {'file': BlockdevCreateOptionsVariantFile, 'qcow2': BlockdevCreateOptionsVariantQcow2, 'rbd': BlockdevCreateOptionsVariantRbd}
 SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet, 'unix': SocketAddressLegacyVariantUnix, 'vsock': SocketAddressLegacyVariantVsock, 'fd': SocketAddressLegacyVariantFd}
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'vhost-user-blk': BlockExportOptionsVariantVhostUserBlk, 'fuse': BlockExportOptionsVariantFuse}
@@ -3959,6 +4080,11 @@ TYPES: dict[str, type] = {
     'RbdEncryptionOptionsLUKSAny': RbdEncryptionOptionsLUKSAny,
     'RbdEncryptionOptions': RbdEncryptionOptions,
     'BlockdevOptionsRbd': BlockdevOptionsRbd,
+    'RbdEncryptionCreateOptionsLUKSBase': RbdEncryptionCreateOptionsLUKSBase,
+    'RbdEncryptionCreateOptionsLUKS': RbdEncryptionCreateOptionsLUKS,
+    'RbdEncryptionCreateOptionsLUKS2': RbdEncryptionCreateOptionsLUKS2,
+    'RbdEncryptionCreateOptions': RbdEncryptionCreateOptions,
+    'BlockdevCreateOptionsRbd': BlockdevCreateOptionsRbd,
     'BlockdevOptionsGenericFormat': BlockdevOptionsGenericFormat,
     'BlockdevOptionsGenericCOWFormat': BlockdevOptionsGenericCOWFormat,
     'Qcow2OverlapCheckMode': Qcow2OverlapCheckMode,
@@ -4045,6 +4171,7 @@ TYPES: dict[str, type] = {
     'MonitorQMPCloseAction': MonitorQMPCloseAction,
     'MonitorOptions': MonitorOptions,
     'QCryptoTLSCredsEndpoint': QCryptoTLSCredsEndpoint,
+    'QCryptoCipherAlgo': QCryptoCipherAlgo,
     'QCryptoSecretFormat': QCryptoSecretFormat,
     'SecretCommonProperties': SecretCommonProperties,
     'SecretProperties': SecretProperties,

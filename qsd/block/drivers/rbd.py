@@ -35,7 +35,7 @@ from qsd.block.node import (
 from qsd.block.registry import register
 from qsd.crypto.secret import lookup_secret
 from qsd.errors import QMPError, error_report
-from qsd.qapi.generated import BlockdevOptionsRbd
+from qsd.qapi.generated import BlockdevCreateOptionsRbd, BlockdevOptionsRbd
 
 # QEMU's RBDAIOCmd, as its request failure messages print them.
 _READ, _WRITE, _DISCARD, _FLUSH, _WRITE_ZEROES = range(5)
@@ -148,7 +148,34 @@ async def connect(options: BlockdevOptionsRbd, objects: Mapping[str, object],
     return cluster, ioctx
 
 
-@register("rbd", options=BlockdevOptionsRbd)
+async def create_rbd(opts: BlockdevCreateOptionsRbd, graph: Any) -> None:
+    """blockdev-create for ``rbd`` (QEMU's qemu_rbd_do_create): a new image of ``size``
+    bytes in objects of ``cluster-size`` (librbd's default, 4 MiB, without it)."""
+    location = opts.location
+    if location.snapshot is not None:
+        raise QMPError("Can't use snapshot name for image creation")
+    if opts.encrypt is not None:
+        raise QMPError("RBD library does not support image encryption")
+    order = None
+    if opts.cluster_size is not None:
+        size = opts.cluster_size
+        if size & (size - 1):
+            raise QMPError("obj size needs to be power of 2")
+        if size < 4096:
+            raise QMPError("obj size too small")
+        order = size.bit_length() - 1
+    rbd = _bindings()[1]
+    cluster, ioctx = await connect(location, graph.objects, cache=False)
+    try:
+        await in_pool(rbd.RBD().create, ioctx, location.image, opts.size, order)
+    except rbd.Error as exc:
+        raise _failed("error rbd create", exc) from None
+    finally:
+        ioctx.close()
+        cluster.shutdown()
+
+
+@register("rbd", options=BlockdevOptionsRbd, create=create_rbd)
 class RbdNode(BlockNode):
     is_protocol = True
     strong_options = ("pool", "namespace", "image", "conf", "snapshot", "user", "server")
