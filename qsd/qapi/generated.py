@@ -126,6 +126,7 @@ class BlockdevDriver(enum.StrEnum):
     """QAPI enum BlockdevDriver."""
 
     file = 'file'
+    nbd = 'nbd'
     null_aio = 'null-aio'
     null_co = 'null-co'
     qcow2 = 'qcow2'
@@ -1386,6 +1387,28 @@ class BlockdevOptionsFile(_base.QAPIModel):
     )
 
 
+class BlockdevOptionsNbd(_base.QAPIModel):
+    """QAPI struct BlockdevOptionsNbd."""
+
+    server: SocketAddress
+    export: builtins.str | None = None
+    tls_creds: builtins.str | None = None
+    tls_hostname: builtins.str | None = None
+    x_dirty_bitmap: builtins.str | None = None
+    reconnect_delay: builtins.int | None = None
+    open_timeout: builtins.int | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('server', 'server', 'SocketAddress', False),
+        _base.MemberSpec('export', 'export', 'str', True),
+        _base.MemberSpec('tls-creds', 'tls_creds', 'str', True),
+        _base.MemberSpec('tls-hostname', 'tls_hostname', 'str', True),
+        _base.MemberSpec('x-dirty-bitmap', 'x_dirty_bitmap', 'str', True),
+        _base.MemberSpec('reconnect-delay', 'reconnect_delay', 'uint32', True),
+        _base.MemberSpec('open-timeout', 'open_timeout', 'uint32', True),
+    )
+
+
 class BlockdevOptionsNull(_base.QAPIModel):
     """QAPI struct BlockdevOptionsNull."""
 
@@ -1830,6 +1853,46 @@ class BlockdevOptionsVariantFile(BlockdevOptions, BlockdevOptionsFile):
         _base.MemberSpec('aio-max-batch', 'aio_max_batch', 'int', True),
         _base.MemberSpec('drop-cache', 'drop_cache', 'bool', True),
         _base.MemberSpec('x-check-cache-dropped', 'x_check_cache_dropped', 'bool', True),
+    )
+
+
+class BlockdevOptionsVariantNbd(BlockdevOptions, BlockdevOptionsNbd):
+    """BlockdevOptions with driver 'nbd'."""
+
+    driver: BlockdevDriver
+    node_name: builtins.str | None = None
+    discard: BlockdevDiscardOptions | None = None
+    cache: BlockdevCacheOptions | None = None
+    active: builtins.bool | None = None
+    read_only: builtins.bool | None = None
+    auto_read_only: builtins.bool | None = None
+    force_share: builtins.bool | None = None
+    detect_zeroes: BlockdevDetectZeroesOptions | None = None
+    server: SocketAddress
+    export: builtins.str | None = None
+    tls_creds: builtins.str | None = None
+    tls_hostname: builtins.str | None = None
+    x_dirty_bitmap: builtins.str | None = None
+    reconnect_delay: builtins.int | None = None
+    open_timeout: builtins.int | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('node-name', 'node_name', 'str', True),
+        _base.MemberSpec('discard', 'discard', 'BlockdevDiscardOptions', True),
+        _base.MemberSpec('cache', 'cache', 'BlockdevCacheOptions', True),
+        _base.MemberSpec('active', 'active', 'bool', True),
+        _base.MemberSpec('read-only', 'read_only', 'bool', True),
+        _base.MemberSpec('auto-read-only', 'auto_read_only', 'bool', True),
+        _base.MemberSpec('force-share', 'force_share', 'bool', True),
+        _base.MemberSpec('detect-zeroes', 'detect_zeroes', 'BlockdevDetectZeroesOptions', True),
+        _base.MemberSpec('server', 'server', 'SocketAddress', False),
+        _base.MemberSpec('export', 'export', 'str', True),
+        _base.MemberSpec('tls-creds', 'tls_creds', 'str', True),
+        _base.MemberSpec('tls-hostname', 'tls_hostname', 'str', True),
+        _base.MemberSpec('x-dirty-bitmap', 'x_dirty_bitmap', 'str', True),
+        _base.MemberSpec('reconnect-delay', 'reconnect_delay', 'uint32', True),
+        _base.MemberSpec('open-timeout', 'open_timeout', 'uint32', True),
     )
 
 
@@ -3993,7 +4056,7 @@ BlockJobInfo.__qapi_variants__ = {'mirror': BlockJobInfoVariantMirror}
 RbdEncryptionOptions.__qapi_variants__ = {'luks': RbdEncryptionOptionsVariantLuks, 'luks2': RbdEncryptionOptionsVariantLuks2, 'luks-any': RbdEncryptionOptionsVariantLuksAny}
 RbdEncryptionCreateOptions.__qapi_variants__ = {'luks': RbdEncryptionCreateOptionsVariantLuks, 'luks2': RbdEncryptionCreateOptionsVariantLuks2}
 BlockdevQcow2Encryption.__qapi_variants__ = {'aes': BlockdevQcow2EncryptionVariantAes, 'luks': BlockdevQcow2EncryptionVariantLuks}
-BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
+BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'nbd': BlockdevOptionsVariantNbd, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
 BlockdevCreateOptions.__qapi_variants__ = {'file': BlockdevCreateOptionsVariantFile, 'qcow2': BlockdevCreateOptionsVariantQcow2, 'rbd': BlockdevCreateOptionsVariantRbd}
 SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet, 'unix': SocketAddressLegacyVariantUnix, 'vsock': SocketAddressLegacyVariantVsock, 'fd': SocketAddressLegacyVariantFd}
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
@@ -4071,6 +4134,7 @@ TYPES: dict[str, type] = {
     'BlockdevCacheOptions': BlockdevCacheOptions,
     'BlockdevDriver': BlockdevDriver,
     'BlockdevOptionsFile': BlockdevOptionsFile,
+    'BlockdevOptionsNbd': BlockdevOptionsNbd,
     'BlockdevOptionsNull': BlockdevOptionsNull,
     'BlockdevOptionsThrottle': BlockdevOptionsThrottle,
     'RbdAuthMode': RbdAuthMode,
