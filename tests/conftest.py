@@ -23,7 +23,8 @@ CEPH_PROGRAMS = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph", "rbd")
 
 
 class QsdFactory(Protocol):
-    def __call__(self, *args: str, monitor: bool = True, pretty: bool = False) -> Qsd: ...
+    def __call__(self, *args: str, monitor: bool = True, pretty: bool = False,
+                 netns: str | None = None) -> Qsd: ...
 
 
 @pytest.fixture
@@ -31,8 +32,9 @@ def start_qsd(tmp_path: Path) -> Iterator[QsdFactory]:
     """Starts qsd processes in ``tmp_path``; every one is stopped by PID at teardown."""
     started: list[Qsd] = []
 
-    def start(*args: str, monitor: bool = True, pretty: bool = False) -> Qsd:
-        daemon = Qsd(tmp_path, list(args), monitor=monitor, pretty=pretty)
+    def start(*args: str, monitor: bool = True, pretty: bool = False,
+              netns: str | None = None) -> Qsd:
+        daemon = Qsd(tmp_path, list(args), monitor=monitor, pretty=pretty, netns=netns)
         started.append(daemon)
         return daemon
 

@@ -51,20 +51,25 @@ def fuse_mounts() -> set[str]:
         return {line.split()[1] for line in mounts if line.split()[2].startswith("fuse")}
 
 
-def is_listening(path: Path) -> bool:
-    """Whether a unix socket at ``path`` accepts connections (flag __SO_ACCEPTCON)."""
-    with open("/proc/net/unix") as table:
-        for line in table:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
-                return True
+def is_listening(path: Path, pid: int | str = "self") -> bool:
+    """Whether a unix socket at ``path`` accepts connections (flag __SO_ACCEPTCON), as
+    seen from the network namespace of process ``pid`` (the table is per namespace)."""
+    try:
+        with open(f"/proc/{pid}/net/unix") as table:
+            lines = table.readlines()
+    except OSError:
+        return False    # the process is gone
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+            return True
     return False
 
 
 def wait_for_listener(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0
                       ) -> None:
     deadline = time.monotonic() + timeout
-    while not is_listening(path):
+    while not is_listening(path, proc.pid):
         if proc.poll() is not None:
             raise RuntimeError(f"qsd exited with {proc.returncode}: "
                                f"{proc.stderr.read().decode() if proc.stderr else ''}")
@@ -100,7 +105,7 @@ class Qsd:
     """One qsd process with a QMP monitor on ``self.qmp_path``."""
 
     def __init__(self, workdir: Path, args: list[str], monitor: bool = True,
-                 pretty: bool = False) -> None:
+                 pretty: bool = False, netns: str | None = None) -> None:
         self.workdir = workdir
         # Unix socket paths are limited to 108 bytes; pytest's tmp paths can be longer.
         self.sock_dir = Path(tempfile.mkdtemp(prefix="qsd-", dir="/tmp"))
@@ -112,7 +117,10 @@ class Qsd:
         self.mounts_before = fuse_mounts()
         self.stdout = b""
         self.stderr = b""
-        self.proc = subprocess.Popen(QSD + monitor_args + args, stdout=subprocess.PIPE,
+        # In a network namespace of the test's, but in the test's mount namespace (nsenter
+        # execs the daemon: its PID stays the one to signal).
+        enter = [] if netns is None else ["nsenter", f"--net=/run/netns/{netns}"]
+        self.proc = subprocess.Popen(enter + QSD + monitor_args + args, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=workdir)
         if monitor:
             wait_for_listener(self.qmp_path, self.proc)
