@@ -313,6 +313,52 @@ class TlsCredsX509(TlsCreds, qom_type="tls-creds-x509", interfaces=("user-creata
         return SslObjectEngine(self.context)
 
 
+# OpenSSL's verify results and the reasons QEMU gives for GnuTLS's (tlssession.c).
+_VERIFY_REASONS = {
+    2: "The certificate hasn't got a known issuer",      # unable to get issuer cert
+    18: "The certificate hasn't got a known issuer",     # self-signed
+    19: "The certificate hasn't got a known issuer",     # self-signed in chain
+    20: "The certificate hasn't got a known issuer",     # no local issuer
+    23: "The certificate has been revoked",
+}
+
+
+def verify_failure_text(verify_code: int) -> str:
+    """What QEMU's client says when the server's certificate chain does not verify."""
+    return _VERIFY_REASONS.get(verify_code, "The certificate is not trusted")
+
+
+def certificate_matches(der: bytes, hostname: str) -> bool:
+    """GnuTLS's gnutls_x509_crt_check_hostname(): an IP address against the IP
+    subjectAltNames, a name against the DNS ones (a leading ``*.`` label matches one
+    label), or against the common name when there are no DNS names."""
+    import ipaddress
+
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = x509.SubjectAlternativeName([])
+    try:
+        address = ipaddress.ip_address(hostname)
+    except ValueError:
+        address = None
+    if address is not None:
+        return address in names.get_values_for_type(x509.IPAddress)
+    dns = names.get_values_for_type(x509.DNSName)
+    if not dns:
+        dns = [str(attr.value) for attr in
+               cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)]
+    wanted = hostname.lower().rstrip(".")
+    for pattern in (name.lower().rstrip(".") for name in dns):
+        if pattern == wanted:
+            return True
+        if pattern.startswith("*.") and "." in wanted and \
+                wanted.split(".", 1)[1] == pattern[2:]:
+            return True
+    return False
+
+
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     if cert.issuer != issuer.subject:
         return False

@@ -39,7 +39,12 @@ from qsd.block.node import (
     Data,
 )
 from qsd.block.registry import register
-from qsd.crypto.tlscreds import TlsCreds, find_tls_creds
+from qsd.crypto.tlscreds import (
+    TlsCreds,
+    certificate_matches,
+    find_tls_creds,
+    verify_failure_text,
+)
 from qsd.errors import QMPError
 from qsd.nbd import client
 from qsd.nbd.protocol import (
@@ -466,9 +471,19 @@ class NbdNode(BlockNode):
             raise QMPError("TLS credentials of this kind are not supported by the NBD client")
         try:
             await stream.writer.start_tls(context, server_hostname=self.tls_hostname)
+        except ssl.SSLCertVerificationError as exc:
+            raise QMPError(verify_failure_text(exc.verify_code)) from None
         except (ssl.SSLError, OSError) as exc:
             raise QMPError(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
                            ) from None
+        if creds.verify_peer:
+            # QEMU's qcrypto_tls_session_check_certificate(), after the chain.
+            if self.tls_hostname is None:
+                raise QMPError("No hostname for certificate validation")
+            tls = stream.writer.get_extra_info("ssl_object")
+            der = tls.getpeercert(binary_form=True) if tls is not None else None
+            if der is None or not certificate_matches(der, self.tls_hostname):
+                raise QMPError(f"Certificate does not match the hostname {self.tls_hostname}")
         return stream
 
     def _check_info(self, info: client.ExportInfo) -> None:
