@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import uuid
@@ -172,6 +173,8 @@ def test_against_qemu_server(fuse_dir: Path, start_qsd: QsdFactory,
 @pytest.fixture
 def hosts() -> Iterator[tuple[str, str]]:
     """Two network namespaces joined by a veth pair: the server's and the client's."""
+    if shutil.which("ip") is None or shutil.which("ss") is None:
+        pytest.skip("iproute2 is not installed (the sid chroot has none)")
     tag = uuid.uuid4().hex[:8]
     server, client_ns = f"qsd-srv-{tag}", f"qsd-cli-{tag}"
     made: list[str] = []
@@ -302,3 +305,27 @@ def test_tls(fuse_dir: Path, start_qsd: QsdFactory) -> None:
         reply = qmp(b, "blockdev-add", driver="nbd", **{"node-name": "r"}, server=unix,
                     export="img", **options)
         assert reply == {"error": {"class": "GenericError", "desc": text}}
+
+
+@pytest.mark.skipif(not hasattr(ssl.SSLContext, "set_psk_client_callback"),
+                    reason="Python's ssl has PSK client callbacks from 3.13 on")
+def test_tls_psk(fuse_dir: Path, start_qsd: QsdFactory) -> None:
+    """tls-creds-psk at both ends: user alice's key, and a key the server does not have."""
+    certs = make_credentials(fuse_dir / "certs")
+    image = fuse_dir / "a.raw"
+    image.write_bytes(b"")
+    os.truncate(image, 32 * MiB)
+    sock = fuse_dir / "a.sock"
+    start_qsd("--object", f"tls-creds-psk,id=s,endpoint=server,dir={certs['psk']}",
+              "--blockdev", f"file,node-name=f,filename={image}",
+              "--nbd-server", f"addr.type=unix,addr.path={sock},tls-creds=s",
+              "--export", "nbd,id=e,node-name=f,name=img,writable=on")
+    mp = fuse_dir / "b.fuse"
+    b = client(start_qsd, mp, f"server.type=unix,server.path={sock}", ",tls-creds=c",
+               "--object", f"tls-creds-psk,id=c,endpoint=client,dir={certs['psk']},"
+               "username=alice",
+               "--object", f"tls-creds-psk,id=w,endpoint=client,dir={certs['pskwrong']}")
+    check(*fio(mp, *VERIFY, "--size=4M"), timeout=120)
+    reply = qmp(b, "blockdev-add", driver="nbd", **{"node-name": "r"},
+                server={"type": "unix", "path": str(sock)}, export="img", **{"tls-creds": "w"})
+    assert "error" in reply

@@ -20,7 +20,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from qsd.crypto.engine import SslObjectEngine, TlsEngine, Versions, stdlib_psk_engine
+from qsd.crypto.engine import (
+    PSK_CIPHERS,
+    SslObjectEngine,
+    TlsEngine,
+    Versions,
+    stdlib_psk_engine,
+)
 from qsd.crypto.secret import lookup_secret_utf8
 from qsd.errors import QMPError
 from qsd.qapi.generated import QCryptoTLSCredsEndpoint
@@ -75,6 +81,10 @@ class TlsCreds(QOMObject, qom_type="tls-creds", abstract=True, properties=_TLS_C
         return path
 
     def new_server_engine(self) -> TlsEngine:
+        raise NotImplementedError
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a client endpoint's sessions (the NBD client's) are made from."""
         raise NotImplementedError
 
     def tls_versions(self) -> Versions:
@@ -312,6 +322,9 @@ class TlsCredsX509(TlsCreds, qom_type="tls-creds-x509", interfaces=("user-creata
     def new_server_engine(self) -> TlsEngine:
         return SslObjectEngine(self.context)
 
+    def client_context(self) -> ssl.SSLContext:
+        return self.context
+
 
 # OpenSSL's verify results and the reasons QEMU gives for GnuTLS's (tlssession.c).
 _VERIFY_REASONS = {
@@ -421,6 +434,26 @@ class TlsCredsPsk(TlsCreds, qom_type="tls-creds-psk", interfaces=("user-creatabl
 
     def new_server_engine(self) -> TlsEngine:
         return new_psk_engine(self)
+
+    def client_context(self) -> ssl.SSLContext:
+        """A PSK client context: ``username`` (default ``qemu``) and its key, read at
+        each handshake. Python's ``ssl`` has PSK client callbacks from 3.13 on."""
+        if not hasattr(ssl.SSLContext, "set_psk_client_callback"):
+            raise QMPError("TLS-PSK client sessions need Python 3.13 or later")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_ciphers(PSK_CIPHERS)
+        versions = self.tls_versions()
+        if versions is not None:
+            context.minimum_version, context.maximum_version = versions
+        user = "qemu" if self.username is None else self.username
+
+        def identity(hint: str | None) -> tuple[str, bytes]:
+            return user, self.read_keys().get(user, b"")
+
+        context.set_psk_client_callback(identity)  # type: ignore[attr-defined,unused-ignore]
+        return context
 
 
 def new_psk_engine(creds: TlsCredsPsk) -> TlsEngine:

@@ -41,6 +41,7 @@ from qsd.block.node import (
 from qsd.block.registry import register
 from qsd.crypto.tlscreds import (
     TlsCreds,
+    TlsCredsX509,
     certificate_matches,
     find_tls_creds,
     verify_failure_text,
@@ -466,9 +467,7 @@ class NbdNode(BlockNode):
     async def _start_tls(self, stream: client.Stream) -> client.Stream:
         creds = self.creds
         assert creds is not None
-        context = getattr(creds, "context", None)
-        if not isinstance(context, ssl.SSLContext):
-            raise QMPError("TLS credentials of this kind are not supported by the NBD client")
+        context = creds.client_context()
         try:
             await stream.writer.start_tls(context, server_hostname=self.tls_hostname)
         except ssl.SSLCertVerificationError as exc:
@@ -476,7 +475,7 @@ class NbdNode(BlockNode):
         except (ssl.SSLError, OSError) as exc:
             raise QMPError(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
                            ) from None
-        if creds.verify_peer:
+        if isinstance(creds, TlsCredsX509) and creds.verify_peer:
             # QEMU's qcrypto_tls_session_check_certificate(), after the chain.
             if self.tls_hostname is None:
                 raise QMPError("No hostname for certificate validation")
