@@ -15,6 +15,7 @@ same chain over TLS with x509 credentials.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -329,3 +330,52 @@ def test_tls_psk(fuse_dir: Path, start_qsd: QsdFactory) -> None:
     reply = qmp(b, "blockdev-add", driver="nbd", **{"node-name": "r"},
                 server={"type": "unix", "path": str(sock)}, export="img", **{"tls-creds": "w"})
     assert "error" in reply
+
+
+# ---- the server goes away and comes back ---------------------------------------------------
+
+
+def test_server_restart(fuse_dir: Path, start_qsd: QsdFactory) -> None:
+    """open-timeout waits for a server that is not there yet; with reconnect-delay,
+    requests wait that long for a server that went away, then fail with EIO; once the
+    server is back the node reconnects by itself."""
+    image = fuse_dir / "a.raw"
+    image.write_bytes(os.urandom(MiB))
+    sock = fuse_dir / "a.sock"
+
+    def server() -> Qsd:
+        daemon = start_qsd("--blockdev", f"file,node-name=f,filename={image}",
+                           "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                           "--export", "nbd,id=e,node-name=f,name=img,writable=on")
+        assert qmp(daemon, "query-block-exports")["return"] != []
+        return daemon
+
+    b = start_qsd()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        adding = pool.submit(qmp, b, "blockdev-add", driver="nbd", **{"node-name": "n"},
+                             server={"type": "unix", "path": str(sock)}, export="img",
+                             **{"reconnect-delay": 1, "open-timeout": 10})
+        time.sleep(1.5)
+        assert not adding.done()
+        a = server()
+        assert adding.result(timeout=30) == {"return": {}}
+    mp = fuse_dir / "b.fuse"
+    mp.touch()
+    assert qmp(b, "block-export-add", type="fuse", id="x", **{"node-name": "n"},
+               mountpoint=str(mp)) == {"return": {}}
+    with open(mp, "rb") as f:
+        assert f.read(MiB) == image.read_bytes()
+    a.stop()
+    start = time.monotonic()
+    result = run("dd", f"if={mp}", "of=/dev/null", "bs=4k", "count=1", "skip=100",
+                 "iflag=direct")
+    waited = time.monotonic() - start
+    assert result.returncode != 0 and "Input/output error" in result.stderr
+    assert 0.8 <= waited < 15, waited
+    server()
+    deadline = time.monotonic() + 40
+    while run("dd", f"if={mp}", "of=/dev/null", "bs=4k", "count=1", "skip=200",
+              "iflag=direct").returncode != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert qmp(b, "blockdev-del", **{"node-name": "n"})["error"]  # in use by the export
