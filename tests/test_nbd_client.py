@@ -22,6 +22,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -278,10 +279,18 @@ def test_link_cut_without_reconnect_delay(fuse_dir: Path, start_qsd: QsdFactory,
 # ---- TLS -------------------------------------------------------------------------------------
 
 
-def test_tls(fuse_dir: Path, start_qsd: QsdFactory) -> None:
+@pytest.fixture(scope="module")
+def certs() -> Iterator[dict[str, Path]]:
+    root = Path(tempfile.mkdtemp(prefix="qsd-nbdc-certs-"))
+    try:
+        yield make_credentials(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_tls(fuse_dir: Path, start_qsd: QsdFactory, certs: dict[str, Path]) -> None:
     """x509 credentials at both ends; the refusals in 11.1.3's words (recorded from its
     daemon as the client of this server)."""
-    certs = make_credentials(fuse_dir / "certs")
     image = fuse_dir / "a.raw"
     image.write_bytes(b"")
     os.truncate(image, 32 * MiB)
@@ -310,9 +319,8 @@ def test_tls(fuse_dir: Path, start_qsd: QsdFactory) -> None:
 
 @pytest.mark.skipif(not hasattr(ssl.SSLContext, "set_psk_client_callback"),
                     reason="Python's ssl has PSK client callbacks from 3.13 on")
-def test_tls_psk(fuse_dir: Path, start_qsd: QsdFactory) -> None:
+def test_tls_psk(fuse_dir: Path, start_qsd: QsdFactory, certs: dict[str, Path]) -> None:
     """tls-creds-psk at both ends: user alice's key, and a key the server does not have."""
-    certs = make_credentials(fuse_dir / "certs")
     image = fuse_dir / "a.raw"
     image.write_bytes(b"")
     os.truncate(image, 32 * MiB)
