@@ -16,6 +16,7 @@ same chain over TLS with x509 credentials.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -129,25 +130,19 @@ def test_chain_qcow2_fio_and_block_status(fuse_dir: Path, start_qsd: QsdFactory)
 # ---- qsd against QEMU 11.1.3's daemon as the server --------------------------------------
 
 
-@pytest.fixture
-def qemu_server(fuse_dir: Path) -> Iterator[Path]:
-    """QEMU 11.1.3's daemon serving a raw image as ``img`` on a unix socket."""
+def have_sid_chroot() -> None:
     if not SID_CHROOT.exists() or run(SID_CHROOT, "run", "true", timeout=60).returncode:
         pytest.skip("the sid chroot with QEMU 11.1.3 is not set up")
-    sock_dir = Path(f"/tmp/qsd-nbdc-{uuid.uuid4().hex[:8]}")
-    sock_dir.mkdir()
-    image = sock_dir / "img.raw"
-    image.write_bytes(b"")
-    os.truncate(image, 64 * MiB)
-    sock = sock_dir / "nbd.sock"
-    proc = subprocess.Popen([str(SID_CHROOT), "run", "qemu-storage-daemon",
-                             "--blockdev", f"file,node-name=f,filename={image}",
-                             "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                             "--export", "nbd,id=e,node-name=f,name=img,writable=on"],
+
+
+@contextlib.contextmanager
+def qemu_daemon(sock: Path, *args: str) -> Iterator[None]:
+    """QEMU 11.1.3's daemon with ``args``, once ``sock`` listens; ended by PID."""
+    proc = subprocess.Popen([str(SID_CHROOT), "run", "qemu-storage-daemon", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_listener(sock, proc, timeout=60)
-        yield sock
+        yield
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -155,6 +150,24 @@ def qemu_server(fuse_dir: Path) -> Iterator[Path]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def qemu_server(fuse_dir: Path) -> Iterator[Path]:
+    """QEMU 11.1.3's daemon serving a raw image as ``img`` on a unix socket."""
+    have_sid_chroot()
+    sock_dir = Path(f"/tmp/qsd-nbdc-{uuid.uuid4().hex[:8]}")
+    sock_dir.mkdir()
+    image = sock_dir / "img.raw"
+    image.write_bytes(b"")
+    os.truncate(image, 64 * MiB)
+    sock = sock_dir / "nbd.sock"
+    try:
+        with qemu_daemon(sock, "--blockdev", f"file,node-name=f,filename={image}",
+                         "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                         "--export", "nbd,id=e,node-name=f,name=img,writable=on"):
+            yield sock
+    finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
@@ -387,3 +400,32 @@ def test_server_restart(fuse_dir: Path, start_qsd: QsdFactory) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert qmp(b, "blockdev-del", **{"node-name": "n"})["error"]  # in use by the export
+
+
+def test_allocation_depth_against_qemu(fuse_dir: Path, start_qsd: QsdFactory) -> None:
+    """x-dirty-bitmap=qemu:allocation-depth from QEMU 11.1.3's server (a qcow2 overlay:
+    data in the base, data in the top, unallocated): served again by qsd, it maps as
+    11.1.3's own client maps it (recorded)."""
+    have_sid_chroot()
+    base, top = fuse_dir / "base.qcow2", fuse_dir / "top.qcow2"
+    check("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
+    check("qemu-io", "-c", "write -P 1 0 1M", base)
+    check("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    check("qemu-io", "-c", "write -P 2 2M 1M", top)
+    sock_a, sock_b = fuse_dir / "a.sock", fuse_dir / "b.sock"
+    with qemu_daemon(sock_a, "--blockdev",
+                     f"qcow2,node-name=q,file.driver=file,file.filename={top}",
+                     "--nbd-server", f"addr.type=unix,addr.path={sock_a}",
+                     "--export", "nbd,id=e,node-name=q,name=img,allocation-depth=on"):
+        b = start_qsd("--blockdev", f"nbd,node-name=n,server.type=unix,server.path={sock_a},"
+                      "export=img,x-dirty-bitmap=qemu:allocation-depth,read-only=on",
+                      "--nbd-server", f"addr.type=unix,addr.path={sock_b}",
+                      "--export", "nbd,id=e,node-name=n,name=img")
+        assert qmp(b, "query-block-exports")["return"] != []
+        extents = json.loads(check("qemu-img", "map", "--output=json", "-f", "raw",
+                                   f"nbd+unix:///img?socket={sock_b}"))
+    assert [(e["start"], e["length"], e["present"], e["zero"], e["data"])
+            for e in extents] == [(0, MiB, True, True, True),
+                                  (MiB, MiB, True, False, True),
+                                  (2 * MiB, MiB, False, False, False),
+                                  (3 * MiB, MiB, True, False, True)]
