@@ -123,7 +123,11 @@ class Qsd:
         self.proc = subprocess.Popen(enter + QSD + monitor_args + args, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=workdir)
         if monitor:
-            wait_for_listener(self.qmp_path, self.proc)
+            try:
+                wait_for_listener(self.qmp_path, self.proc)
+            except BaseException:
+                self.stop()      # nobody else knows this daemon yet: end it by its PID
+                raise
 
     @property
     def pid(self) -> int:
