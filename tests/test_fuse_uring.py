@@ -8,6 +8,7 @@ back what it found.  Where the kernel has no such parameter the tests are skippe
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import subprocess
@@ -210,3 +211,41 @@ async def test_forcing_either_path(fuse_dir: Path, start_qsd: QsdFactory,
         assert os.stat(mp).st_size == MiB
         assert io_uring_fds(daemon.pid) == baseline_rings
         await s.delete("export")
+
+
+@pytest.mark.parametrize("io_uring", ["on", "off"])
+async def test_a_full_file_system_answers_enospc(fuse_dir: Path, start_qsd: QsdFactory,
+                                                uring_param: Path, io_uring: str) -> None:
+    """A write the file driver fails inline (ENOSPC on a full file system) is answered
+    with that errno on both paths; the ring's inline path once left it unanswered and the
+    writer hung."""
+    store = fuse_dir / "small"
+    store.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", store)
+    try:
+        img = store / "t.raw"
+        run("truncate", "-s", "4M", img)
+        mp = fuse_dir / "t.fuse"
+        mp.touch()
+        daemon = start_qsd("--object", "iothread,id=io0",
+                           "--blockdev", f"file,node-name=file,filename={img}")
+        async with session(daemon) as s:
+            await s.add_fuse("export", "file", mp, writable=True, iothread="io0",
+                             **{"io-uring": io_uring})
+
+            def fill() -> int:
+                fd = os.open(mp, os.O_WRONLY)
+                try:
+                    for offset in range(0, 4 * MiB, 64 * 1024):
+                        os.pwrite(fd, b"\xa5" * 65536, offset)
+                except OSError as err:
+                    return err.errno or 0
+                finally:
+                    os.close(fd)
+                return 0
+
+            assert await asyncio.wait_for(asyncio.to_thread(fill), 30) == errno.ENOSPC
+            assert await s.cmd("query-block-exports") != []
+            await s.delete("export")
+    finally:
+        run("umount", "-l", store)

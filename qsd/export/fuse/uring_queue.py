@@ -238,34 +238,42 @@ class FuseRing:
                     rearmed[e] = False
                     h = e * HEADER_STRIDE
                     _length, opcode, unique = unpack_head(mem, h)
-                    if opcode == READ:
-                        offset, size = unpack_rw(mem, h + HEADER_OP_IN)
-                        if size <= PAYLOAD_SIZE and offset + size <= blk.length():
-                            data = blk.read_nowait(offset, size)
-                            if data is not None:
-                                p = payload_base + e * PAYLOAD_SIZE
-                                size = len(data)
-                                mem[p:p + size] = data
-                                pack_out(mem, h, OUT_HEADER_SIZE + size, 0, unique)
-                                pack_u32(mem, h + ENT_PAYLOAD_SZ, size)
+                    # The inline paths raise what the driver raised (ENOSPC from a full
+                    # file system, EIO): the kernel must get it as the answer.
+                    try:
+                        if opcode == READ:
+                            offset, size = unpack_rw(mem, h + HEADER_OP_IN)
+                            if size <= PAYLOAD_SIZE and offset + size <= blk.length():
+                                data = blk.read_nowait(offset, size)
+                                if data is not None:
+                                    p = payload_base + e * PAYLOAD_SIZE
+                                    size = len(data)
+                                    mem[p:p + size] = data
+                                    pack_out(mem, h, OUT_HEADER_SIZE + size, 0, unique)
+                                    pack_u32(mem, h + ENT_PAYLOAD_SZ, size)
+                                    at = (sq_tail & sq_mask) * SQE_SIZE
+                                    sqes[at:at + SQE_SIZE] = commit[e]
+                                    pack_u64(sqes, at + _COMMIT_ID_AT, unique)
+                                    sq_tail = (sq_tail + 1) & 0xFFFFFFFF
+                                    continue
+                        elif opcode == WRITE and file.writable:
+                            offset, size = unpack_rw(mem, h + HEADER_OP_IN)
+                            p = payload_base + e * PAYLOAD_SIZE
+                            if (size <= MAX_WRITE_BYTES and offset + size <= blk.length()
+                                    and blk.write_nowait(offset, mem[p:p + size])):
+                                pack_write_out(mem, p, size, 0)
+                                pack_out(mem, h, _WRITE_REPLY_SIZE, 0, unique)
+                                pack_u32(mem, h + ENT_PAYLOAD_SZ, _WRITE_OUT_SIZE)
                                 at = (sq_tail & sq_mask) * SQE_SIZE
                                 sqes[at:at + SQE_SIZE] = commit[e]
                                 pack_u64(sqes, at + _COMMIT_ID_AT, unique)
                                 sq_tail = (sq_tail + 1) & 0xFFFFFFFF
                                 continue
-                    elif opcode == WRITE and file.writable:
-                        offset, size = unpack_rw(mem, h + HEADER_OP_IN)
-                        p = payload_base + e * PAYLOAD_SIZE
-                        if (size <= MAX_WRITE_BYTES and offset + size <= blk.length()
-                                and blk.write_nowait(offset, mem[p:p + size])):
-                            pack_write_out(mem, p, size, 0)
-                            pack_out(mem, h, _WRITE_REPLY_SIZE, 0, unique)
-                            pack_u32(mem, h + ENT_PAYLOAD_SZ, _WRITE_OUT_SIZE)
-                            at = (sq_tail & sq_mask) * SQE_SIZE
-                            sqes[at:at + SQE_SIZE] = commit[e]
-                            pack_u64(sqes, at + _COMMIT_ID_AT, unique)
-                            sq_tail = (sq_tail + 1) & 0xFFFFFFFF
-                            continue
+                    except OSError as err:
+                        ring.sq_tail = sq_tail
+                        self._commit_error(e, unique, err.errno or errno.EIO)
+                        sq_tail = ring.sq_tail
+                        continue
                 # Anything else may queue SQEs of its own through the ring.
                 ring.sq_tail = sq_tail
                 if res < 0:
