@@ -9,6 +9,8 @@ nor its pidfile behind.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import shutil
 import signal
@@ -125,12 +127,16 @@ def fio_load(daemon: Daemon) -> subprocess.Popen[bytes]:
         ["fio", "--name=load", f"--filename={daemon.mountpoint}", "--direct=1", "--bs=4k",
          "--rw=randrw", "--ioengine=libaio", "--iodepth=16", "--numjobs=2",
          "--size=16m", "--time_based", "--runtime=30"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
 
 
 def stop_fio(fio: subprocess.Popen[bytes]) -> None:
-    """By PID: with its file gone, fio has nothing left to show."""
-    fio.kill()
+    """By its process group, which fio's job processes share: killing only the parent
+    left them running for the rest of the suite.  With its file gone, fio has nothing
+    left to show."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(fio.pid, signal.SIGKILL)
     fio.wait()
 
 
