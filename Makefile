@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CEPH_PROGRAMS := ceph-mon:ceph-mon ceph-mgr:ceph-mgr ceph-osd:ceph-osd rbd:ceph-common
 CEPH_MODULES := rados:python3-rados rbd:python3-rbd
 DEBIAN_PROGRAMS := fusermount3:fuse3 qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
-	fio:fio nbdinfo:libnbd-bin qemu-storage-daemon:qemu-system-common openssl:openssl \
+	fio:fio strace:strace nbdinfo:libnbd-bin qemu-storage-daemon:qemu-system-common openssl:openssl \
 	qemu-system-x86_64:qemu-system-x86 busybox:busybox-static /boot/vmlinuz-*:linux-image-amd64 \
 	$(CEPH_PROGRAMS)
 DEBIAN_PYTHON_MODULES := nbd:python3-libnbd ensurepip:python3-venv $(CEPH_MODULES)
