@@ -137,11 +137,13 @@ async def write(child: Child, offset: int, data: Data, fua: bool = False) -> Non
         req = tracker.begin(offset, offset + length)
         try:
             head = offset % align
-            if head or (offset + length) % align:
+            tail = (offset + length) % align
+            if head or tail:
                 tracker.serialise(req, align)
                 await tracker.wait(req)
                 start = offset - head
-                buf = await _padded(node, start, _align_up(offset + length, align), align)
+                buf = await _padded(node, start, _align_up(offset + length, align), align,
+                                    bool(head), bool(tail))
                 buf[head:head + length] = data
                 await _aligned_write(node, start, buf, fua)
             else:
@@ -153,13 +155,28 @@ async def write(child: Child, offset: int, data: Data, fua: bool = False) -> Non
         next(node.requests_done)
 
 
-async def _padded(node: BlockNode, start: int, end: int, align: int) -> bytearray:
+async def _padded(node: BlockNode, start: int, end: int, align: int, head: bool,
+                  tail: bool) -> bytearray:
     """The aligned range [start, end) with its first and last block read from the node
-    (what an unaligned write keeps around its own bytes)."""
+    (what an unaligned write keeps around its own bytes); the read-modify-write events
+    mark the reads of a partial head and tail."""
     buf = bytearray(end - start)
+    single = end - start == align
+    if head:
+        node.debug_event("pwritev_rmw_head")
+    if single and tail:
+        node.debug_event("pwritev_rmw_tail")
     buf[:align] = await _aligned_read(node, start, align, align)
-    if end - start > align:
+    if head:
+        node.debug_event("pwritev_rmw_after_head")
+    if single and tail:
+        node.debug_event("pwritev_rmw_after_tail")
+    if not single:
+        if tail:
+            node.debug_event("pwritev_rmw_tail")
         buf[-align:] = await _aligned_read(node, end - align, align, align)
+        if tail:
+            node.debug_event("pwritev_rmw_after_tail")
     return buf
 
 
@@ -178,8 +195,10 @@ async def _aligned_write(node: BlockNode, offset: int, data: Data, fua: bool) ->
         await _prepare_write(node, offset, length)
         detect = node.opts.detect_zeroes
         if detect != "off" and is_zero(data):
+            node.debug_event("pwritev_zero")
             await _zeroes(node, offset, length, detect == "unmap", False, fua)
         else:
+            node.debug_event("pwritev")
             align = node.bl.request_alignment
             max_transfer = _align_down(min_non_zero(node.bl.max_transfer, INT_MAX), align)
             if length <= max_transfer:
@@ -189,6 +208,7 @@ async def _aligned_write(node: BlockNode, offset: int, data: Data, fua: bool) ->
                 for pos in range(0, length, max_transfer):
                     await node.do_write(offset + pos, view[pos:pos + max_transfer], fua)
     finally:
+        node.debug_event("pwritev_done")
         node.wrote_to(offset + length)     # failed requests too, as in QEMU
     node.grew_to(offset + length)
 
@@ -253,8 +273,10 @@ async def _zero_write(node: BlockNode, offset: int, length: int, may_unmap: bool
                       no_fallback: bool, fua: bool) -> None:
     try:
         await _prepare_write(node, offset, length)
+        node.debug_event("pwritev_zero")
         await _zeroes(node, offset, length, may_unmap, no_fallback, fua)
     finally:
+        node.debug_event("pwritev_done")
         node.wrote_to(offset + length)
     node.grew_to(offset + length)
 
@@ -359,7 +381,12 @@ async def flush_node(node: BlockNode) -> None:
     try:
         if node.read_only:
             return
+        primary = node.primary_child()
+        if primary is not None:
+            primary.node.debug_event("flush_to_os")
         if not node.opts.cache_no_flush:
+            if primary is not None:
+                primary.node.debug_event("flush_to_disk")
             await node.do_flush()
         for child in list(node.children):
             if child.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED):

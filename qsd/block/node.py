@@ -402,6 +402,10 @@ class BlockNode(ChildParent):
         None.  BlockBackend follows these links once when it binds its fast paths."""
         return None
 
+    def debug_event(self, event: str) -> None:
+        """A BlkdebugEvent happened on this node (QEMU's bdrv_debug_event): the block
+        layer and the drivers above raise them as requests pass; blkdebug acts on them."""
+
     def drained_begin(self) -> None:
         """Stops the driver's own request sources (timers) for a drained section."""
 

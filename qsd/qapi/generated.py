@@ -125,6 +125,7 @@ class BlockdevAioOptions(enum.StrEnum):
 class BlockdevDriver(enum.StrEnum):
     """QAPI enum BlockdevDriver."""
 
+    blkdebug = 'blkdebug'
     file = 'file'
     nbd = 'nbd'
     null_aio = 'null-aio'
@@ -133,6 +134,70 @@ class BlockdevDriver(enum.StrEnum):
     raw = 'raw'
     rbd = 'rbd'
     throttle = 'throttle'
+
+
+class BlkdebugEvent(enum.StrEnum):
+    """QAPI enum BlkdebugEvent."""
+
+    l1_update = 'l1_update'
+    l1_grow_alloc_table = 'l1_grow_alloc_table'
+    l1_grow_write_table = 'l1_grow_write_table'
+    l1_grow_activate_table = 'l1_grow_activate_table'
+    l2_load = 'l2_load'
+    l2_update = 'l2_update'
+    l2_update_compressed = 'l2_update_compressed'
+    l2_alloc_cow_read = 'l2_alloc_cow_read'
+    l2_alloc_write = 'l2_alloc_write'
+    read_aio = 'read_aio'
+    read_backing_aio = 'read_backing_aio'
+    read_compressed = 'read_compressed'
+    write_aio = 'write_aio'
+    write_compressed = 'write_compressed'
+    vmstate_load = 'vmstate_load'
+    vmstate_save = 'vmstate_save'
+    cow_read = 'cow_read'
+    cow_write = 'cow_write'
+    reftable_load = 'reftable_load'
+    reftable_grow = 'reftable_grow'
+    reftable_update = 'reftable_update'
+    refblock_load = 'refblock_load'
+    refblock_update = 'refblock_update'
+    refblock_update_part = 'refblock_update_part'
+    refblock_alloc = 'refblock_alloc'
+    refblock_alloc_hookup = 'refblock_alloc_hookup'
+    refblock_alloc_write = 'refblock_alloc_write'
+    refblock_alloc_write_blocks = 'refblock_alloc_write_blocks'
+    refblock_alloc_write_table = 'refblock_alloc_write_table'
+    refblock_alloc_switch_table = 'refblock_alloc_switch_table'
+    cluster_alloc = 'cluster_alloc'
+    cluster_alloc_bytes = 'cluster_alloc_bytes'
+    cluster_free = 'cluster_free'
+    flush_to_os = 'flush_to_os'
+    flush_to_disk = 'flush_to_disk'
+    pwritev_rmw_head = 'pwritev_rmw_head'
+    pwritev_rmw_after_head = 'pwritev_rmw_after_head'
+    pwritev_rmw_tail = 'pwritev_rmw_tail'
+    pwritev_rmw_after_tail = 'pwritev_rmw_after_tail'
+    pwritev = 'pwritev'
+    pwritev_zero = 'pwritev_zero'
+    pwritev_done = 'pwritev_done'
+    empty_image_prepare = 'empty_image_prepare'
+    l1_shrink_write_table = 'l1_shrink_write_table'
+    l1_shrink_free_l2_clusters = 'l1_shrink_free_l2_clusters'
+    cor_write = 'cor_write'
+    cluster_alloc_space = 'cluster_alloc_space'
+    none = 'none'
+
+
+class BlkdebugIOType(enum.StrEnum):
+    """QAPI enum BlkdebugIOType."""
+
+    read = 'read'
+    write = 'write'
+    write_zeroes = 'write-zeroes'
+    discard = 'discard'
+    flush = 'flush'
+    block_status = 'block-status'
 
 
 class RbdAuthMode(enum.StrEnum):
@@ -1423,6 +1488,76 @@ class BlockdevOptionsNull(_base.QAPIModel):
     )
 
 
+class BlkdebugInjectErrorOptions(_base.QAPIModel):
+    """QAPI struct BlkdebugInjectErrorOptions."""
+
+    event: BlkdebugEvent
+    state: builtins.int | None = None
+    iotype: BlkdebugIOType | None = None
+    errno: builtins.int | None = None
+    delay_ns: builtins.int | None = None
+    sector: builtins.int | None = None
+    once: builtins.bool | None = None
+    immediately: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('event', 'event', 'BlkdebugEvent', False),
+        _base.MemberSpec('state', 'state', 'int', True),
+        _base.MemberSpec('iotype', 'iotype', 'BlkdebugIOType', True),
+        _base.MemberSpec('errno', 'errno', 'int', True),
+        _base.MemberSpec('delay-ns', 'delay_ns', 'int', True),
+        _base.MemberSpec('sector', 'sector', 'int', True),
+        _base.MemberSpec('once', 'once', 'bool', True),
+        _base.MemberSpec('immediately', 'immediately', 'bool', True),
+    )
+
+
+class BlkdebugSetStateOptions(_base.QAPIModel):
+    """QAPI struct BlkdebugSetStateOptions."""
+
+    event: BlkdebugEvent
+    state: builtins.int | None = None
+    new_state: builtins.int
+
+    __qapi_members__ = (
+        _base.MemberSpec('event', 'event', 'BlkdebugEvent', False),
+        _base.MemberSpec('state', 'state', 'int', True),
+        _base.MemberSpec('new_state', 'new_state', 'int', False),
+    )
+
+
+class BlockdevOptionsBlkdebug(_base.QAPIModel):
+    """QAPI struct BlockdevOptionsBlkdebug."""
+
+    image: BlockdevRef
+    config: builtins.str | None = None
+    align: builtins.int | None = None
+    max_transfer: builtins.int | None = None
+    opt_write_zero: builtins.int | None = None
+    max_write_zero: builtins.int | None = None
+    opt_discard: builtins.int | None = None
+    max_discard: builtins.int | None = None
+    inject_error: list[BlkdebugInjectErrorOptions] | None = None
+    set_state: list[BlkdebugSetStateOptions] | None = None
+    take_child_perms: list[BlockPermission] | None = None
+    unshare_child_perms: list[BlockPermission] | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('image', 'image', 'BlockdevRef', False),
+        _base.MemberSpec('config', 'config', 'str', True),
+        _base.MemberSpec('align', 'align', 'int', True),
+        _base.MemberSpec('max-transfer', 'max_transfer', 'int32', True),
+        _base.MemberSpec('opt-write-zero', 'opt_write_zero', 'int32', True),
+        _base.MemberSpec('max-write-zero', 'max_write_zero', 'int32', True),
+        _base.MemberSpec('opt-discard', 'opt_discard', 'int32', True),
+        _base.MemberSpec('max-discard', 'max_discard', 'int32', True),
+        _base.MemberSpec('inject-error', 'inject_error', '[BlkdebugInjectErrorOptions]', True),
+        _base.MemberSpec('set-state', 'set_state', '[BlkdebugSetStateOptions]', True),
+        _base.MemberSpec('take-child-perms', 'take_child_perms', '[BlockPermission]', True),
+        _base.MemberSpec('unshare-child-perms', 'unshare_child_perms', '[BlockPermission]', True),
+    )
+
+
 class BlockdevOptionsThrottle(_base.QAPIModel):
     """QAPI struct BlockdevOptionsThrottle."""
 
@@ -1814,6 +1949,56 @@ class BlockdevOptions(_base.QAPIModel):
         _base.MemberSpec('detect-zeroes', 'detect_zeroes', 'BlockdevDetectZeroesOptions', True),
     )
     __qapi_tag__ = 'driver'
+
+
+class BlockdevOptionsVariantBlkdebug(BlockdevOptions, BlockdevOptionsBlkdebug):
+    """BlockdevOptions with driver 'blkdebug'."""
+
+    driver: BlockdevDriver
+    node_name: builtins.str | None = None
+    discard: BlockdevDiscardOptions | None = None
+    cache: BlockdevCacheOptions | None = None
+    active: builtins.bool | None = None
+    read_only: builtins.bool | None = None
+    auto_read_only: builtins.bool | None = None
+    force_share: builtins.bool | None = None
+    detect_zeroes: BlockdevDetectZeroesOptions | None = None
+    image: BlockdevRef
+    config: builtins.str | None = None
+    align: builtins.int | None = None
+    max_transfer: builtins.int | None = None
+    opt_write_zero: builtins.int | None = None
+    max_write_zero: builtins.int | None = None
+    opt_discard: builtins.int | None = None
+    max_discard: builtins.int | None = None
+    inject_error: list[BlkdebugInjectErrorOptions] | None = None
+    set_state: list[BlkdebugSetStateOptions] | None = None
+    take_child_perms: list[BlockPermission] | None = None
+    unshare_child_perms: list[BlockPermission] | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('node-name', 'node_name', 'str', True),
+        _base.MemberSpec('discard', 'discard', 'BlockdevDiscardOptions', True),
+        _base.MemberSpec('cache', 'cache', 'BlockdevCacheOptions', True),
+        _base.MemberSpec('active', 'active', 'bool', True),
+        _base.MemberSpec('read-only', 'read_only', 'bool', True),
+        _base.MemberSpec('auto-read-only', 'auto_read_only', 'bool', True),
+        _base.MemberSpec('force-share', 'force_share', 'bool', True),
+        _base.MemberSpec('detect-zeroes', 'detect_zeroes', 'BlockdevDetectZeroesOptions', True),
+        _base.MemberSpec('image', 'image', 'BlockdevRef', False),
+        _base.MemberSpec('config', 'config', 'str', True),
+        _base.MemberSpec('align', 'align', 'int', True),
+        _base.MemberSpec('max-transfer', 'max_transfer', 'int32', True),
+        _base.MemberSpec('opt-write-zero', 'opt_write_zero', 'int32', True),
+        _base.MemberSpec('max-write-zero', 'max_write_zero', 'int32', True),
+        _base.MemberSpec('opt-discard', 'opt_discard', 'int32', True),
+        _base.MemberSpec('max-discard', 'max_discard', 'int32', True),
+        _base.MemberSpec('inject-error', 'inject_error', '[BlkdebugInjectErrorOptions]', True),
+        _base.MemberSpec('set-state', 'set_state', '[BlkdebugSetStateOptions]', True),
+        _base.MemberSpec('take-child-perms', 'take_child_perms', '[BlockPermission]', True),
+        _base.MemberSpec('unshare-child-perms', 'unshare_child_perms', '[BlockPermission]', True),
+    )
 
 
 class BlockdevOptionsVariantFile(BlockdevOptions, BlockdevOptionsFile):
@@ -4056,7 +4241,7 @@ BlockJobInfo.__qapi_variants__ = {'mirror': BlockJobInfoVariantMirror}
 RbdEncryptionOptions.__qapi_variants__ = {'luks': RbdEncryptionOptionsVariantLuks, 'luks2': RbdEncryptionOptionsVariantLuks2, 'luks-any': RbdEncryptionOptionsVariantLuksAny}
 RbdEncryptionCreateOptions.__qapi_variants__ = {'luks': RbdEncryptionCreateOptionsVariantLuks, 'luks2': RbdEncryptionCreateOptionsVariantLuks2}
 BlockdevQcow2Encryption.__qapi_variants__ = {'aes': BlockdevQcow2EncryptionVariantAes, 'luks': BlockdevQcow2EncryptionVariantLuks}
-BlockdevOptions.__qapi_variants__ = {'file': BlockdevOptionsVariantFile, 'nbd': BlockdevOptionsVariantNbd, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
+BlockdevOptions.__qapi_variants__ = {'blkdebug': BlockdevOptionsVariantBlkdebug, 'file': BlockdevOptionsVariantFile, 'nbd': BlockdevOptionsVariantNbd, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
 BlockdevCreateOptions.__qapi_variants__ = {'file': BlockdevCreateOptionsVariantFile, 'qcow2': BlockdevCreateOptionsVariantQcow2, 'rbd': BlockdevCreateOptionsVariantRbd}
 SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet, 'unix': SocketAddressLegacyVariantUnix, 'vsock': SocketAddressLegacyVariantVsock, 'fd': SocketAddressLegacyVariantFd}
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
@@ -4136,6 +4321,11 @@ TYPES: dict[str, type] = {
     'BlockdevOptionsFile': BlockdevOptionsFile,
     'BlockdevOptionsNbd': BlockdevOptionsNbd,
     'BlockdevOptionsNull': BlockdevOptionsNull,
+    'BlkdebugEvent': BlkdebugEvent,
+    'BlkdebugIOType': BlkdebugIOType,
+    'BlkdebugInjectErrorOptions': BlkdebugInjectErrorOptions,
+    'BlkdebugSetStateOptions': BlkdebugSetStateOptions,
+    'BlockdevOptionsBlkdebug': BlockdevOptionsBlkdebug,
     'BlockdevOptionsThrottle': BlockdevOptionsThrottle,
     'RbdAuthMode': RbdAuthMode,
     'RbdEncryptionOptionsLUKSBase': RbdEncryptionOptionsLUKSBase,

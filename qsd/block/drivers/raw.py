@@ -103,11 +103,15 @@ class RawNode(BlockNode):
 
     async def do_read(self, offset: int, length: int) -> bytes:
         self._check(offset, length, False)
-        return await io.read(self._child(), offset + self.offset, length)
+        child = self._child()
+        child.node.debug_event("read_aio")
+        return await io.read(child, offset + self.offset, length)
 
     async def do_write(self, offset: int, data: Data, fua: bool) -> None:
         self._check(offset, len(data), True)
-        await io.write(self._child(), offset + self.offset, data, fua)
+        child = self._child()
+        child.node.debug_event("write_aio")
+        await io.write(child, offset + self.offset, data, fua)
 
     async def do_write_zeroes(self, offset: int, length: int, may_unmap: bool,
                               no_fallback: bool, fua: bool) -> None:
