@@ -48,12 +48,11 @@ IOTYPES = list(BlkdebugIOType)
 DEFAULT_IOTYPES = sum(1 << IOTYPES.index(t) for t in IOTYPES
                       if t is not BlkdebugIOType.block_status)
 # The options that are sizes to QEMU (QemuOpts QEMU_OPT_SIZE), in the order it checks
-# them against the alignment, with the limit each one sets.
+# them against the alignment.
 SIZE_OPTIONS = ("align", "max-transfer", "opt-write-zero", "max-write-zero",
                 "opt-discard", "max-discard")
 # Options that change what the node does, so that they make a json: filename.
-STRONG = ("config", "align", "max-transfer", "opt-write-zero", "max-write-zero",
-          "opt-discard", "max-discard")
+STRONG = ("config", *SIZE_OPTIONS)
 RULE_LISTS = ("inject-error", "set-state")
 # Each section's options and their QemuOpts types.
 GROUPS = {
