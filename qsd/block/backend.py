@@ -9,7 +9,9 @@ flight, checks them against the node's length and sends them down ``qsd.block.io
 Its fast paths are bound once (and again whenever something below changes) straight to
 the driver of the node that will answer them, skipping pass-through filters, so that
 ``read_nowait``/``write_nowait`` are two counter steps, one flag test and the driver
-call.  Nodes that need aligned requests or run before-write hooks get no fast path.
+call.  Nodes that need aligned requests or run before-write hooks get no fast path; the
+dirty bitmaps of the nodes a request passes are marked by a wrapper bound only while
+there are any, so that a node without bitmaps pays nothing for them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from qsd.block import drain, io
+from qsd.block.dirty_bitmap import set_dirty
 from qsd.block.limits import BlockLimits
 from qsd.block.node import BlockNode, Child, ChildParent, Data, count_value
 from qsd.block.permissions import PERM_WRITE, PERM_WRITE_UNCHANGED, ChildRole
@@ -59,6 +62,23 @@ def _read_waits(offset: int, length: int) -> bytes | None:
 
 def _write_waits(offset: int, data: Data, fua: bool = False) -> bool:
     return False
+
+
+def _marking(write: Callable[[int, Data, bool], bool], nodes: tuple[BlockNode, ...]
+             ) -> Callable[[int, Data, bool], bool]:
+    """``write`` that marks the dirty bitmaps of ``nodes`` once it wrote (or failed)."""
+    def write_nowait(offset: int, data: Data, fua: bool = False) -> bool:
+        try:
+            done = write(offset, data, fua)
+        except OSError:
+            for node in nodes:
+                set_dirty(node.dirty_bitmaps, offset, len(data))
+            raise
+        if done:
+            for node in nodes:
+                set_dirty(node.dirty_bitmaps, offset, len(data))
+        return done
+    return write_nowait
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -161,7 +181,9 @@ class BlockBackend(ChildParent):
         elif hooks:
             self._wr_nowait = _write_waits
         else:
-            self._wr_nowait = target.write_nowait
+            marked = tuple(n for n in chain if n.dirty_bitmaps)
+            self._wr_nowait = (_marking(target.write_nowait, marked) if marked
+                               else target.write_nowait)
 
     # ---- hot paths -------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ shaped to the node's limits:
 - detect-zeroes turns writes of zeroes into zero-writes, the ``discard`` option decides
   whether unmapping is allowed at all;
 - before-write hooks run before any write, zero-write or discard reaches the driver;
+  once it is done (failed or not, as in QEMU) the node's enabled dirty bitmaps mark it;
 - a write past the end grows the node's cached length, a truncate refreshes it.
 
 The inline ``*_nowait`` fast paths do not come through here: BlockBackend binds them to
@@ -28,6 +29,7 @@ from __future__ import annotations
 import errno
 import os
 
+from qsd.block.dirty_bitmap import set_dirty
 from qsd.block.limits import (
     BDRV_MAX_LENGTH,
     INT64_MAX,
@@ -210,6 +212,8 @@ async def _aligned_write(node: BlockNode, offset: int, data: Data, fua: bool) ->
     finally:
         node.debug_event("pwritev_done")
         node.wrote_to(offset + length)     # failed requests too, as in QEMU
+        if node.dirty_bitmaps:
+            set_dirty(node.dirty_bitmaps, offset, length)
     node.grew_to(offset + length)
 
 
@@ -278,6 +282,8 @@ async def _zero_write(node: BlockNode, offset: int, length: int, may_unmap: bool
     finally:
         node.debug_event("pwritev_done")
         node.wrote_to(offset + length)
+        if node.dirty_bitmaps:
+            set_dirty(node.dirty_bitmaps, offset, length)
     node.grew_to(offset + length)
 
 
@@ -338,7 +344,15 @@ async def discard(child: Child, offset: int, length: int) -> None:
 async def _discard(node: BlockNode, offset: int, length: int) -> None:
     """QEMU's bdrv_co_pdiscard() loop: small pieces up to the discard alignment, then
     aligned pieces of at most max_pdiscard; drivers may refuse any piece (ENOTSUP)."""
-    await _prepare_write(node, offset, length)
+    try:
+        await _prepare_write(node, offset, length)
+        await _discard_pieces(node, offset, length)
+    finally:
+        if node.dirty_bitmaps:
+            set_dirty(node.dirty_bitmaps, offset, length)
+
+
+async def _discard_pieces(node: BlockNode, offset: int, length: int) -> None:
     bl = node.bl
     request_align = bl.request_alignment
     align = max(bl.pdiscard_alignment, request_align)

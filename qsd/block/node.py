@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, TypeVar
 from qsd.block.limits import BDRV_MAX_LENGTH, BDRV_SECTOR_SIZE, BlockLimits
 from qsd.block.permissions import PERM_ALL, ChildRole, default_child_perm
 from qsd.block.tracking import RequestTracker
+from qsd.errors import QMPError
 from qsd.qapi.hashorder import qdict_order
 
 if TYPE_CHECKING:
     from qsd.aio import AioContext
+    from qsd.block.dirty_bitmap import DirtyBitmap
 
 T = TypeVar("T")
 
@@ -239,6 +241,8 @@ class BlockNode(ChildParent):
         self.backing_file = ""
         self.backing_format = ""
         self.before_write: list[BeforeWrite] = []
+        # Newest first; qsd.block.io marks them after each write (dirty_bitmap.py).
+        self.dirty_bitmaps: list[DirtyBitmap] = []
         self._length = 0
         # The end of the highest write request so far (query-blockstats).
         self.wr_highest_offset = 0
@@ -331,6 +335,16 @@ class BlockNode(ChildParent):
     def specific_stats(self) -> dict[str, object] | None:
         """QAPI BlockStatsSpecific (query-blockstats), for drivers that count more."""
         return None
+
+    async def can_store_bitmap(self, name: str, granularity: int) -> None:
+        """QMPError unless the image can keep a new persistent dirty bitmap (QEMU's
+        bdrv_can_store_new_dirty_bitmap); formats that store bitmaps override it."""
+        raise QMPError(f"Can't store persistent bitmaps to {self.node_name}: "
+                       f"{os.strerror(errno.ENOTSUP)}")
+
+    async def remove_persistent_bitmap(self, name: str) -> None:
+        """Drops a stored bitmap from the image; absence is no error (one added since
+        the image was opened is not stored yet)."""
 
     def wrote_to(self, end: int) -> None:
         """A write request to this node ended at ``end`` (QEMU's wr_highest_offset)."""
@@ -433,6 +447,8 @@ class BlockNode(ChildParent):
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
         if total != self._length:
             self._length = total
+            for bitmap in self.dirty_bitmaps:
+                bitmap.resize(total)
             for child in list(self.parents):
                 child.parent.child_resized(child)
 
@@ -440,6 +456,8 @@ class BlockNode(ChildParent):
         """A write reached ``end``: a growing write extends the cached length."""
         if end > self._length:
             self._length = -(-end // BDRV_SECTOR_SIZE) * BDRV_SECTOR_SIZE
+            for bitmap in self.dirty_bitmaps:
+                bitmap.resize(self._length)
             for child in list(self.parents):
                 child.parent.child_resized(child)
 
@@ -479,6 +497,11 @@ class BlockNode(ChildParent):
     def remove_before_write(self, hook: BeforeWrite) -> None:
         self.before_write.remove(hook)
         self.notify_changed()
+
+    def writes_inline(self) -> bool:
+        """Whether a parent's inline write path may write here directly: no hook runs
+        before a write and no bitmap records it."""
+        return not self.before_write and not self.dirty_bitmaps
 
     def notify_changed(self) -> None:
         """Tells every owner above that fast-path bindings must be made again."""

@@ -96,7 +96,7 @@ class RawNode(BlockNode):
     def write_nowait(self, offset: int, data: Data, fua: bool = False) -> bool:
         below = self._child().node
         if self.opts.detect_zeroes != "off" or below.bl.request_alignment > 1 \
-                or below.before_write:
+                or not below.writes_inline():
             return False
         self._check(offset, len(data), True)
         return below.write_nowait(offset + self.offset, data, fua)

@@ -832,7 +832,7 @@ class Qcow2Node(BlockNode):
         """The nodes whose inline paths stand for the data file and the backing file,
         and the image's numbers the inline paths use."""
         self._fast_data = _fast_target(self.data_child)
-        self._fast_backing = _fast_target(self.cow_child())
+        self._fast_backing = _fast_target(self.cow_child(), writing=False)
         geo, cache, rt = self.geo, self.l2_cache, self.opts_rt
         if geo is None or cache is None or rt is None:
             return
@@ -1602,16 +1602,19 @@ class Qcow2Node(BlockNode):
         return False
 
 
-def _fast_target(child: Child | None) -> BlockNode | None:
+def _fast_target(child: Child | None, writing: bool = True) -> BlockNode | None:
     """The node whose ``*_nowait`` answer for ``child`` (through pass-through filters),
-    or None when it needs aligned requests."""
+    or None when it needs aligned requests, or (``writing``) when a node on the way
+    must see each write (hooks, dirty bitmaps)."""
     if child is None:
         return None
     node = child.node
+    inline = node.writes_inline()
     following = node.nowait_next()
     while following is not None:
         node = following
+        inline = inline and node.writes_inline()
         following = node.nowait_next()
-    if node.bl.request_alignment > 1 or node.before_write:
+    if node.bl.request_alignment > 1 or (writing and not inline):
         return None
     return node
