@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from qsd.aio import AioContext, main_context, wait_tasks
@@ -527,6 +527,49 @@ class BlockGraph:
             except QMPError:
                 pass
 
+    # ---- filters that jobs put on top of a node --------------------------------------------
+
+    async def insert_node(self, below: BlockNode, options: dict[str, object],
+                          prepare: Callable[[BlockNode], None] | None = None) -> BlockNode:
+        """Opens a filter from its wire options (its ``file`` naming ``below``) and puts
+        it above ``below``: every user of ``below`` uses the filter instead (QEMU's
+        bdrv_insert_node).  ``prepare`` sets up the opened filter first (QEMU's open
+        flags).  On failure nothing it opened is left."""
+        opts = parse_type("BlockdevOptions", options)
+        created: list[BlockNode] = []
+        async with self.changing:
+            try:
+                try:
+                    node = await self.open_node(opts, None, created)
+                except QMPError as exc:
+                    raise QMPError(f"Could not create node: {exc.desc}") from None
+                if prepare is not None:
+                    prepare(node)
+                async with drain.drained(self.lock, [below, node]):
+                    with self.lock.write():
+                        try:
+                            self.replace_node(below, node)
+                        except QMPError as exc:
+                            raise QMPError(f"Could not replace node: {exc.desc}") from None
+            except BaseException:
+                for n in reversed(created):
+                    await self._destroy(n)
+                raise
+        return node
+
+    async def drop_filter(self, node: BlockNode) -> None:
+        """Takes a filter out again: its users use its filtered child, and the filter,
+        with the children nobody else holds, is closed (QEMU's bdrv_drop_filter and the
+        bdrv_unref that follows)."""
+        child = node.filtered_child()
+        assert child is not None
+        below = child.node
+        async with self.changing:
+            async with drain.drained(self.lock, [node, below]):
+                with self.lock.write():
+                    self.replace_node(node, below)
+                    await self._destroy(node)
+
     # ---- block_resize ----------------------------------------------------------------------
 
     async def block_resize(self, device: str | None, node_name: str | None, size: int) -> None:
@@ -594,6 +637,9 @@ class _Opener:
         if self.ctx is None:
             self.ctx = node.ctx
         return node
+
+    def find_node(self, name: str) -> BlockNode | None:
+        return self._graph.find_node(name)
 
     async def open_child(self, parent: BlockNode, ref: Any, name: str,
                          role: ChildRole) -> Child:

@@ -526,3 +526,36 @@ async def node_block_status(node: BlockNode, want_zero: bool, offset: int,
         return BlockStatus(flags & ~BLOCK_RECURSE, count, mapping, file)
     finally:
         next(node.requests_done)
+
+
+# ---- the snapshot-access API -------------------------------------------------------------
+
+
+async def read_snapshot(child: Child, offset: int, length: int) -> bytes:
+    """Reads the point-in-time view the node below ``child`` keeps (QEMU's
+    bdrv_co_preadv_snapshot); ENOTSUP where the driver has none."""
+    node = child.node
+    next(node.requests_started)
+    try:
+        return await node.do_read_snapshot(offset, length)
+    finally:
+        next(node.requests_done)
+
+
+async def snapshot_block_status(node: BlockNode, want_zero: bool, offset: int,
+                                length: int) -> BlockStatus:
+    """The status of the point-in-time view (QEMU's bdrv_co_snapshot_block_status)."""
+    next(node.requests_started)
+    try:
+        return await node.do_snapshot_block_status(want_zero, offset, length)
+    finally:
+        next(node.requests_done)
+
+
+async def discard_snapshot(node: BlockNode, offset: int, length: int) -> None:
+    """Gives up a range of the point-in-time view (QEMU's bdrv_co_pdiscard_snapshot)."""
+    next(node.requests_started)
+    try:
+        await node.do_discard_snapshot(offset, length)
+    finally:
+        next(node.requests_done)

@@ -150,11 +150,15 @@ class ChildParent(Protocol):
 
 
 class ChildOpener(Protocol):
-    """What a driver's ``open`` uses to get its children (implemented by the graph), and
-    the daemon's ``objects`` (by id) for the secrets a driver is named."""
+    """What a driver's ``open`` uses to get its children (implemented by the graph), the
+    daemon's ``objects`` (by id) for the secrets a driver is named, and the other nodes."""
 
     @property
     def objects(self) -> Mapping[str, object]: ...
+
+    def find_node(self, name: str) -> BlockNode | None:
+        """An opened node by name (options that name nodes besides children)."""
+        ...
 
     async def open_child(self, parent: BlockNode, ref: Any, name: str,
                          role: ChildRole) -> Child:
@@ -402,6 +406,20 @@ class BlockNode(ChildParent):
         if self.is_protocol:
             return BlockStatus(BLOCK_DATA | BLOCK_OFFSET_VALID, length, offset, self)
         return BlockStatus(BLOCK_DATA, length)
+
+    # The snapshot-access API (QEMU's bdrv_co_*_snapshot): a point-in-time view of the
+    # data that a filter (copy-before-write) keeps while its users go on writing.
+
+    async def do_read_snapshot(self, offset: int, length: int) -> bytes:
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+
+    async def do_snapshot_block_status(self, want_zero: bool, offset: int,
+                                       length: int) -> BlockStatus:
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+
+    async def do_discard_snapshot(self, offset: int, length: int) -> None:
+        """The snapshot's reader no longer needs the range: what was kept may go."""
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         """The data if it can be had without blocking, else None."""

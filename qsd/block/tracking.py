@@ -68,13 +68,23 @@ class RequestTracker:
                 return other
         return None
 
-    async def wait(self, req: TrackedRequest) -> None:
-        """Returns once no conflicting request overlaps ``req``."""
+    def shrink(self, req: TrackedRequest, end: int) -> None:
+        """The request gave up its tail: whoever waited for it looks again."""
+        with self._lock:
+            req.end = end
+            waiters, req.waiters = req.waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_wake, fut)
+
+    async def wait(self, req: TrackedRequest) -> bool:
+        """Returns once no conflicting request overlaps ``req``; whether it waited."""
+        waited = False
         while True:
             with self._lock:
                 other = self._conflict(req)
                 if other is None:
-                    return
+                    return waited
+                waited = True
                 loop = asyncio.get_running_loop()
                 fut: asyncio.Future[None] = loop.create_future()
                 other.waiters.append((loop, fut))
