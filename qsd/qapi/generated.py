@@ -126,7 +126,9 @@ class BlockdevDriver(enum.StrEnum):
     """QAPI enum BlockdevDriver."""
 
     blkdebug = 'blkdebug'
+    copy_before_write = 'copy-before-write'
     file = 'file'
+    snapshot_access = 'snapshot-access'
     nbd = 'nbd'
     null_aio = 'null-aio'
     null_co = 'null-co'
@@ -205,6 +207,13 @@ class RbdAuthMode(enum.StrEnum):
 
     cephx = 'cephx'
     none = 'none'
+
+
+class OnCbwError(enum.StrEnum):
+    """QAPI enum OnCbwError."""
+
+    break_guest_write = 'break-guest-write'
+    break_snapshot = 'break-snapshot'
 
 
 class Qcow2OverlapCheckMode(enum.StrEnum):
@@ -1781,6 +1790,25 @@ class BlockdevOptionsGenericFormat(_base.QAPIModel):
     )
 
 
+class BlockdevOptionsCbw(BlockdevOptionsGenericFormat):
+    """QAPI struct BlockdevOptionsCbw."""
+
+    target: BlockdevRef
+    bitmap: BlockDirtyBitmap | None = None
+    on_cbw_error: OnCbwError | None = None
+    cbw_timeout: builtins.int | None = None
+    min_cluster_size: builtins.int | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('file', 'file', 'BlockdevRef', False),
+        _base.MemberSpec('target', 'target', 'BlockdevRef', False),
+        _base.MemberSpec('bitmap', 'bitmap', 'BlockDirtyBitmap', True),
+        _base.MemberSpec('on-cbw-error', 'on_cbw_error', 'OnCbwError', True),
+        _base.MemberSpec('cbw-timeout', 'cbw_timeout', 'uint32', True),
+        _base.MemberSpec('min-cluster-size', 'min_cluster_size', 'size', True),
+    )
+
+
 class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):
     """QAPI struct BlockdevOptionsGenericCOWFormat."""
 
@@ -2001,6 +2029,44 @@ class BlockdevOptionsVariantBlkdebug(BlockdevOptions, BlockdevOptionsBlkdebug):
     )
 
 
+class BlockdevOptionsVariantCopyBeforeWrite(BlockdevOptions, BlockdevOptionsCbw):
+    """BlockdevOptions with driver 'copy-before-write'."""
+
+    driver: BlockdevDriver
+    node_name: builtins.str | None = None
+    discard: BlockdevDiscardOptions | None = None
+    cache: BlockdevCacheOptions | None = None
+    active: builtins.bool | None = None
+    read_only: builtins.bool | None = None
+    auto_read_only: builtins.bool | None = None
+    force_share: builtins.bool | None = None
+    detect_zeroes: BlockdevDetectZeroesOptions | None = None
+    file: BlockdevRef
+    target: BlockdevRef
+    bitmap: BlockDirtyBitmap | None = None
+    on_cbw_error: OnCbwError | None = None
+    cbw_timeout: builtins.int | None = None
+    min_cluster_size: builtins.int | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('node-name', 'node_name', 'str', True),
+        _base.MemberSpec('discard', 'discard', 'BlockdevDiscardOptions', True),
+        _base.MemberSpec('cache', 'cache', 'BlockdevCacheOptions', True),
+        _base.MemberSpec('active', 'active', 'bool', True),
+        _base.MemberSpec('read-only', 'read_only', 'bool', True),
+        _base.MemberSpec('auto-read-only', 'auto_read_only', 'bool', True),
+        _base.MemberSpec('force-share', 'force_share', 'bool', True),
+        _base.MemberSpec('detect-zeroes', 'detect_zeroes', 'BlockdevDetectZeroesOptions', True),
+        _base.MemberSpec('file', 'file', 'BlockdevRef', False),
+        _base.MemberSpec('target', 'target', 'BlockdevRef', False),
+        _base.MemberSpec('bitmap', 'bitmap', 'BlockDirtyBitmap', True),
+        _base.MemberSpec('on-cbw-error', 'on_cbw_error', 'OnCbwError', True),
+        _base.MemberSpec('cbw-timeout', 'cbw_timeout', 'uint32', True),
+        _base.MemberSpec('min-cluster-size', 'min_cluster_size', 'size', True),
+    )
+
+
 class BlockdevOptionsVariantFile(BlockdevOptions, BlockdevOptionsFile):
     """BlockdevOptions with driver 'file'."""
 
@@ -2038,6 +2104,34 @@ class BlockdevOptionsVariantFile(BlockdevOptions, BlockdevOptionsFile):
         _base.MemberSpec('aio-max-batch', 'aio_max_batch', 'int', True),
         _base.MemberSpec('drop-cache', 'drop_cache', 'bool', True),
         _base.MemberSpec('x-check-cache-dropped', 'x_check_cache_dropped', 'bool', True),
+    )
+
+
+class BlockdevOptionsVariantSnapshotAccess(BlockdevOptions, BlockdevOptionsGenericFormat):
+    """BlockdevOptions with driver 'snapshot-access'."""
+
+    driver: BlockdevDriver
+    node_name: builtins.str | None = None
+    discard: BlockdevDiscardOptions | None = None
+    cache: BlockdevCacheOptions | None = None
+    active: builtins.bool | None = None
+    read_only: builtins.bool | None = None
+    auto_read_only: builtins.bool | None = None
+    force_share: builtins.bool | None = None
+    detect_zeroes: BlockdevDetectZeroesOptions | None = None
+    file: BlockdevRef
+
+    __qapi_members__ = (
+        _base.MemberSpec('driver', 'driver', 'BlockdevDriver', False),
+        _base.MemberSpec('node-name', 'node_name', 'str', True),
+        _base.MemberSpec('discard', 'discard', 'BlockdevDiscardOptions', True),
+        _base.MemberSpec('cache', 'cache', 'BlockdevCacheOptions', True),
+        _base.MemberSpec('active', 'active', 'bool', True),
+        _base.MemberSpec('read-only', 'read_only', 'bool', True),
+        _base.MemberSpec('auto-read-only', 'auto_read_only', 'bool', True),
+        _base.MemberSpec('force-share', 'force_share', 'bool', True),
+        _base.MemberSpec('detect-zeroes', 'detect_zeroes', 'BlockdevDetectZeroesOptions', True),
+        _base.MemberSpec('file', 'file', 'BlockdevRef', False),
     )
 
 
@@ -4241,7 +4335,7 @@ BlockJobInfo.__qapi_variants__ = {'mirror': BlockJobInfoVariantMirror}
 RbdEncryptionOptions.__qapi_variants__ = {'luks': RbdEncryptionOptionsVariantLuks, 'luks2': RbdEncryptionOptionsVariantLuks2, 'luks-any': RbdEncryptionOptionsVariantLuksAny}
 RbdEncryptionCreateOptions.__qapi_variants__ = {'luks': RbdEncryptionCreateOptionsVariantLuks, 'luks2': RbdEncryptionCreateOptionsVariantLuks2}
 BlockdevQcow2Encryption.__qapi_variants__ = {'aes': BlockdevQcow2EncryptionVariantAes, 'luks': BlockdevQcow2EncryptionVariantLuks}
-BlockdevOptions.__qapi_variants__ = {'blkdebug': BlockdevOptionsVariantBlkdebug, 'file': BlockdevOptionsVariantFile, 'nbd': BlockdevOptionsVariantNbd, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
+BlockdevOptions.__qapi_variants__ = {'blkdebug': BlockdevOptionsVariantBlkdebug, 'copy-before-write': BlockdevOptionsVariantCopyBeforeWrite, 'file': BlockdevOptionsVariantFile, 'snapshot-access': BlockdevOptionsVariantSnapshotAccess, 'nbd': BlockdevOptionsVariantNbd, 'null-aio': BlockdevOptionsVariantNullAio, 'null-co': BlockdevOptionsVariantNullCo, 'qcow2': BlockdevOptionsVariantQcow2, 'raw': BlockdevOptionsVariantRaw, 'rbd': BlockdevOptionsVariantRbd, 'throttle': BlockdevOptionsVariantThrottle}
 BlockdevCreateOptions.__qapi_variants__ = {'file': BlockdevCreateOptionsVariantFile, 'qcow2': BlockdevCreateOptionsVariantQcow2, 'rbd': BlockdevCreateOptionsVariantRbd}
 SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet, 'unix': SocketAddressLegacyVariantUnix, 'vsock': SocketAddressLegacyVariantVsock, 'fd': SocketAddressLegacyVariantFd}
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
@@ -4340,6 +4434,8 @@ TYPES: dict[str, type] = {
     'RbdEncryptionCreateOptions': RbdEncryptionCreateOptions,
     'BlockdevCreateOptionsRbd': BlockdevCreateOptionsRbd,
     'BlockdevOptionsGenericFormat': BlockdevOptionsGenericFormat,
+    'OnCbwError': OnCbwError,
+    'BlockdevOptionsCbw': BlockdevOptionsCbw,
     'BlockdevOptionsGenericCOWFormat': BlockdevOptionsGenericCOWFormat,
     'Qcow2OverlapCheckMode': Qcow2OverlapCheckMode,
     'Qcow2OverlapCheckFlags': Qcow2OverlapCheckFlags,
