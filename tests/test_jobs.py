@@ -97,7 +97,7 @@ class StepJob(Job):
     def abort(self) -> None:
         self.hooks.append("abort")
 
-    def clean(self) -> None:
+    async def clean(self) -> None:
         self.hooks.append("clean")
 
 

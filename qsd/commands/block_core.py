@@ -12,6 +12,7 @@ from qsd.errors import QMPError
 from qsd.job.block_job import block_jobs, find_block_job
 from qsd.job.create import blockdev_create as start_blockdev_create
 from qsd.qapi.generated import (
+    BlockdevBackup,
     BlockdevCreateArgs,
     BlockdevDelArgs,
     BlockdevOptions,
@@ -52,6 +53,18 @@ async def blockdev_create(daemon: Daemon, args: BlockdevCreateArgs) -> None:
 @command("blockdev-snapshot")
 async def blockdev_snapshot(daemon: Daemon, args: BlockdevSnapshotArgs) -> None:
     await daemon.graph.snapshot(args.node, args.overlay)
+
+
+@command("blockdev-backup")
+async def blockdev_backup(daemon: Daemon, args: BlockdevBackup) -> None:
+    # Imported here: the job and its drivers are not needed until a backup starts.
+    from qsd.job.backup import create_backup_job, end_prepared
+
+    job, section = await create_backup_job(daemon.jobs, daemon.graph, args)
+    try:
+        await job.start()
+    finally:
+        await end_prepared(job, section)
 
 
 @command("query-named-block-nodes")

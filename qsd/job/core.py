@@ -259,8 +259,8 @@ class Job:
     def abort(self) -> None:
         """The job failed or was cancelled, or another job in its transaction did."""
 
-    def clean(self) -> None:
-        """After commit or abort."""
+    async def clean(self) -> None:
+        """After commit or abort (main loop; may change the graph, which drains)."""
 
     def free(self) -> None:
         """The job is gone (dismissed): release what it still holds."""
@@ -520,7 +520,7 @@ class Job:
                 await self._txn_abort()
                 return
         for job in self._txn_jobs():
-            job._finalize_single()
+            await job._finalize_single()
 
     def _prepare(self) -> int:
         if self.ret == 0:
@@ -528,7 +528,7 @@ class Job:
             self._update_rc()
         return self.ret
 
-    def _finalize_single(self) -> None:
+    async def _finalize_single(self) -> None:
         assert self.is_completed()
         self._update_rc()
         ret = self.ret
@@ -536,7 +536,7 @@ class Job:
             self.abort()
         else:
             self.commit()
-        self.clean()
+        await self.clean()
         if self.completion_cb is not None:
             self.completion_cb(ret)
         if self.started():
@@ -572,7 +572,7 @@ class Job:
             other = txn.jobs[0]
             if not other.is_completed():
                 await other.finish_sync(None)
-            other._finalize_single()
+            await other._finalize_single()
 
     def _do_dismiss(self) -> None:
         with job_lock:

@@ -107,6 +107,24 @@ class BlockdevOnError(enum.StrEnum):
     auto = 'auto'
 
 
+class MirrorSyncMode(enum.StrEnum):
+    """QAPI enum MirrorSyncMode."""
+
+    top = 'top'
+    full = 'full'
+    none = 'none'
+    incremental = 'incremental'
+    bitmap = 'bitmap'
+
+
+class BitmapSyncMode(enum.StrEnum):
+    """QAPI enum BitmapSyncMode."""
+
+    on_success = 'on-success'
+    never = 'never'
+    always = 'always'
+
+
 class BlockdevDiscardOptions(enum.StrEnum):
     """QAPI enum BlockdevDiscardOptions."""
 
@@ -1187,6 +1205,85 @@ class BlockdevSnapshot(_base.QAPIModel):
     __qapi_members__ = (
         _base.MemberSpec('node', 'node', 'str', False),
         _base.MemberSpec('overlay', 'overlay', 'str', False),
+    )
+
+
+class BackupPerf(_base.QAPIModel):
+    """QAPI struct BackupPerf."""
+
+    use_copy_range: builtins.bool | None = None
+    max_workers: builtins.int | None = None
+    max_chunk: builtins.int | None = None
+    min_cluster_size: builtins.int | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('use-copy-range', 'use_copy_range', 'bool', True),
+        _base.MemberSpec('max-workers', 'max_workers', 'int', True),
+        _base.MemberSpec('max-chunk', 'max_chunk', 'int64', True),
+        _base.MemberSpec('min-cluster-size', 'min_cluster_size', 'size', True),
+    )
+
+
+class BackupCommon(_base.QAPIModel):
+    """QAPI struct BackupCommon."""
+
+    job_id: builtins.str | None = None
+    device: builtins.str
+    sync: MirrorSyncMode
+    speed: builtins.int | None = None
+    bitmap: builtins.str | None = None
+    bitmap_mode: BitmapSyncMode | None = None
+    compress: builtins.bool | None = None
+    on_source_error: BlockdevOnError | None = None
+    on_target_error: BlockdevOnError | None = None
+    on_cbw_error: OnCbwError | None = None
+    auto_finalize: builtins.bool | None = None
+    auto_dismiss: builtins.bool | None = None
+    filter_node_name: builtins.str | None = None
+    discard_source: builtins.bool | None = None
+    x_perf: BackupPerf | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('job-id', 'job_id', 'str', True),
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('sync', 'sync', 'MirrorSyncMode', False),
+        _base.MemberSpec('speed', 'speed', 'int', True),
+        _base.MemberSpec('bitmap', 'bitmap', 'str', True),
+        _base.MemberSpec('bitmap-mode', 'bitmap_mode', 'BitmapSyncMode', True),
+        _base.MemberSpec('compress', 'compress', 'bool', True),
+        _base.MemberSpec('on-source-error', 'on_source_error', 'BlockdevOnError', True),
+        _base.MemberSpec('on-target-error', 'on_target_error', 'BlockdevOnError', True),
+        _base.MemberSpec('on-cbw-error', 'on_cbw_error', 'OnCbwError', True),
+        _base.MemberSpec('auto-finalize', 'auto_finalize', 'bool', True),
+        _base.MemberSpec('auto-dismiss', 'auto_dismiss', 'bool', True),
+        _base.MemberSpec('filter-node-name', 'filter_node_name', 'str', True),
+        _base.MemberSpec('discard-source', 'discard_source', 'bool', True),
+        _base.MemberSpec('x-perf', 'x_perf', 'BackupPerf', True),
+    )
+
+
+class BlockdevBackup(BackupCommon):
+    """QAPI struct BlockdevBackup."""
+
+    target: builtins.str
+
+    __qapi_members__ = (
+        _base.MemberSpec('job-id', 'job_id', 'str', True),
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('sync', 'sync', 'MirrorSyncMode', False),
+        _base.MemberSpec('speed', 'speed', 'int', True),
+        _base.MemberSpec('bitmap', 'bitmap', 'str', True),
+        _base.MemberSpec('bitmap-mode', 'bitmap_mode', 'BitmapSyncMode', True),
+        _base.MemberSpec('compress', 'compress', 'bool', True),
+        _base.MemberSpec('on-source-error', 'on_source_error', 'BlockdevOnError', True),
+        _base.MemberSpec('on-target-error', 'on_target_error', 'BlockdevOnError', True),
+        _base.MemberSpec('on-cbw-error', 'on_cbw_error', 'OnCbwError', True),
+        _base.MemberSpec('auto-finalize', 'auto_finalize', 'bool', True),
+        _base.MemberSpec('auto-dismiss', 'auto_dismiss', 'bool', True),
+        _base.MemberSpec('filter-node-name', 'filter_node_name', 'str', True),
+        _base.MemberSpec('discard-source', 'discard_source', 'bool', True),
+        _base.MemberSpec('x-perf', 'x_perf', 'BackupPerf', True),
+        _base.MemberSpec('target', 'target', 'str', False),
     )
 
 
@@ -4394,6 +4491,11 @@ TYPES: dict[str, type] = {
     'BlockdevSnapshot': BlockdevSnapshot,
     'BlockErrorAction': BlockErrorAction,
     'BlockdevOnError': BlockdevOnError,
+    'MirrorSyncMode': MirrorSyncMode,
+    'BitmapSyncMode': BitmapSyncMode,
+    'BackupPerf': BackupPerf,
+    'BackupCommon': BackupCommon,
+    'BlockdevBackup': BlockdevBackup,
     'BlockJobInfoMirror': BlockJobInfoMirror,
     'BlockJobInfo': BlockJobInfo,
     'BlockJobSetSpeedArgs': BlockJobSetSpeedArgs,
@@ -4588,6 +4690,7 @@ COMMANDS: dict[str, _base.CommandInfo] = {
     'block_resize': _base.CommandInfo('block_resize', 'BlockResizeArgs', False, False, None, ()),
     'query-blockstats': _base.CommandInfo('query-blockstats', 'QueryBlockstatsArgs', False, False, '[BlockStats]', ()),
     'blockdev-snapshot': _base.CommandInfo('blockdev-snapshot', 'BlockdevSnapshotArgs', False, False, None, ()),
+    'blockdev-backup': _base.CommandInfo('blockdev-backup', 'BlockdevBackup', True, False, None, ()),
     'query-block-jobs': _base.CommandInfo('query-block-jobs', None, False, False, '[BlockJobInfo]', ()),
     'block-job-set-speed': _base.CommandInfo('block-job-set-speed', 'BlockJobSetSpeedArgs', False, False, None, ()),
     'block-job-cancel': _base.CommandInfo('block-job-cancel', 'BlockJobCancelArgs', False, False, None, ()),

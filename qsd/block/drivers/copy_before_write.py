@@ -263,7 +263,7 @@ def lookup_bitmap(children: ChildOpener, node_name: str, name: str) -> DirtyBitm
 
 async def cbw_append(graph: BlockGraph, source: BlockNode, target: BlockNode,
                      filter_node_name: str | None, discard_source: bool,
-                     min_cluster_size: int, on_cbw_error: str | None = None,
+                     min_cluster_size: int, on_cbw_error: str,
                      setup: Callable[[CopyBeforeWriteNode], None] | None = None
                      ) -> CopyBeforeWriteNode:
     """Puts a copy-before-write filter from ``source`` to ``target`` above ``source``
@@ -273,9 +273,7 @@ async def cbw_append(graph: BlockGraph, source: BlockNode, target: BlockNode,
     if filter_node_name is not None:
         options["node-name"] = filter_node_name
     options.update({"file": source.node_name, "target": target.node_name,
-                    "min-cluster-size": min_cluster_size})
-    if on_cbw_error is not None:
-        options["on-cbw-error"] = on_cbw_error
+                    "on-cbw-error": on_cbw_error, "min-cluster-size": min_cluster_size})
 
     def prepare(node: BlockNode) -> None:
         assert isinstance(node, CopyBeforeWriteNode)
