@@ -227,6 +227,57 @@ def test_target_error_policies(start_qsd: QsdFactory, policy: str,
         assert completed["offset"] == 4 * MiB and "error" not in completed
 
 
+# ---- image fleecing -----------------------------------------------------------------------
+
+
+def test_fleecing_view_over_nbd(start_qsd: QsdFactory, images: Path) -> None:
+    """QEMU's image-fleecing flow (iotest image-fleecing): a backup with sync=none keeps
+    old data in a temporary image while the disk is written; a snapshot-access node over
+    its filter, exported over NBD, reads the disk as it was when the job started."""
+    src = disk(images / "src.qcow2")
+    ref = images / "ref.raw"
+    qemu_img("convert", "-O", "raw", str(src), str(ref))
+    (images / "fleece.raw").write_bytes(bytes(16 * MiB))
+    sock = images / "nbd.sock"
+    qmp = Monitor(start_qsd())
+    add_qcow2(qmp, "src", src)
+    qmp.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    qmp.ok("block-export-add", type="nbd", id="disk", writable=True, **{"node-name": "src"})
+    qmp.ok("blockdev-add", driver="file", filename=str(images / "fleece.raw"),
+           **{"node-name": "tmp"})
+    qmp.ok("blockdev-backup", device="src", target="tmp", sync="none",
+           **{"job-id": "fleecing", "filter-node-name": "fl-cbw"})
+    qmp.ok("blockdev-add", driver="snapshot-access", file="fl-cbw",
+           **{"node-name": "fl-access"})
+    qmp.ok("block-export-add", type="nbd", id="view", **{"node-name": "fl-access"})
+    disk_uri = f"nbd+unix:///src?socket={sock}"
+    view_uri = f"nbd+unix:///fl-access?socket={sock}"
+    overwrite = [(0xab, 0, 64 << 10), (0xad, MiB - (32 << 10), 64 << 10),
+                 (0xea, 8 * MiB + 4096, 4096), (0x1d, 15 * MiB, MiB)]
+    qemu_io(disk_uri, *(f"write -P {p} {o} {n}" for p, o, n in overwrite), fmt="raw")
+    qemu_io(disk_uri, f"write -z {3 * MiB} {MiB}", fmt="raw")
+    compare(str(ref), view_uri, "-f", "raw", "-F", "raw")
+    # Block status through the view: the point in time's allocation where the disk still
+    # has it, the temporary image's where a cluster was copied there (MiB + 64 KiB: the
+    # write at 1 MiB - 32 KiB had the cluster after 1 MiB copied too).
+    mapped = json.loads(qemu_img("map", "--output=json", "-f", "raw", view_uri))
+    assert [(e["start"], e["data"]) for e in mapped][:3] == [
+        (0, True), (MiB + (64 << 10), False), (2 * MiB, True)]
+    qmp.ok("block-export-del", id="view")
+    qmp.wait_event("BLOCK_EXPORT_DELETED")
+    qmp.ok("blockdev-del", **{"node-name": "fl-access"})
+    qmp.ok("block-job-cancel", device="fleecing")
+    assert statuses(job_events(qmp, "fleecing", "BLOCK_JOB_CANCELLED"))[-3] == (
+        "BLOCK_JOB_CANCELLED")
+    qmp.ok("blockdev-del", **{"node-name": "tmp"})
+    for pattern, offset, length in overwrite:
+        qemu_io(disk_uri, f"read -P {pattern} {offset} {length}", fmt="raw")
+    # Only the clusters the writes touched were copied to the temporary image.
+    copied = (images / "fleece.raw").read_bytes()
+    assert copied[:64 << 10] == ref.read_bytes()[:64 << 10]
+    assert copied[5 * MiB:6 * MiB] == bytes(MiB)
+
+
 # ---- QEMU's texts ----------------------------------------------------------------------------
 
 
