@@ -33,7 +33,7 @@ def _write_pidfile(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise QMPError(f"Cannot open pid file: {os.strerror(exc.errno or 0)}") from exc
+        raise QMPError(f"Could not create '{path}': {os.strerror(exc.errno or 0)}") from exc
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -59,12 +59,12 @@ async def _run(cmdline: CommandLine, ready_fd: int | None) -> int:
     daemon = Daemon()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(signum, daemon.request_shutdown, "host-signal")
+        loop.add_signal_handler(signum, daemon.request_shutdown)
     pidfile: str | None = None  # absolute: --daemonize changes to / before the end
     try:
         for option in cmdline.options:
             try:
-                if not await apply_option(daemon, option.name, option.value):
+                if not await apply_option(daemon, option.name, option.value, option.location()):
                     return 0
             except QMPError as exc:
                 _error(f"{option.location()}: {exc.desc}")
@@ -123,11 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         _error(str(exc))
         return 1
-    if cmdline.help:
-        sys.stdout.write(help_text())
-        return 0
-    if cmdline.version:
-        sys.stdout.write(version_text())
+    if cmdline.info is not None:
+        sys.stdout.write(help_text() if cmdline.info == "help" else version_text())
         return 0
     logging.basicConfig(level=logging.WARNING, format=f"{PROGRAM}: %(message)s")
     load_all()

@@ -37,19 +37,21 @@ class UsageError(Exception):
 
 @dataclass
 class Option:
+    """One option in command-line order; ``name`` "" is a stray argument."""
+
     name: str
     value: str
+    written: str = ""  # as on the command line: "--blo=x", "--blo x", "extra"
 
     def location(self) -> str:
-        """How QEMU names the option in an error message: ``--export fuse,id=x``."""
-        return f"--{self.name} {self.value}"
+        """How QEMU names the option in an error message: as the user wrote it."""
+        return self.written or f"--{self.name} {self.value}"
 
 
 @dataclass
 class CommandLine:
     options: list[Option] = field(default_factory=list)
-    help: bool = False
-    version: bool = False
+    info: str | None = None  # "help" or "version", whichever came first
     daemonize: bool = False
     pidfile: str | None = None
     trace: list[str] = field(default_factory=list)
@@ -68,28 +70,33 @@ def _match_long(name: str) -> str:
 
 
 def parse_args(argv: list[str]) -> CommandLine:
-    """Parses like glibc's getopt_long with permutation; stops at the first error."""
+    """Parses like QEMU's getopt_long loop ("-" mode); stops at the first error.
+
+    Arguments that are not options stay in order among the options (QEMU reports
+    ``foo: Unexpected argument`` when it gets there); ``--`` ends the command line and
+    whatever follows it is ignored.
+    """
     cmdline = CommandLine()
-    positional: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if arg == "--":
-            positional.extend(argv[i:])
             break
         if arg.startswith("--"):
             name, has_value, value = arg[2:].partition("=")
             name = _match_long(name)
+            written = arg
             if LONG_OPTIONS[name]:
                 if not has_value:
                     if i >= len(argv):
                         raise UsageError(f"option '--{name}' requires an argument")
                     value = argv[i]
+                    written = f"{arg} {value}"
                     i += 1
             elif has_value:
                 raise UsageError(f"option '--{name}' doesn't allow an argument")
-            _record(cmdline, name, value)
+            _record(cmdline, name, value, written)
         elif arg.startswith("-") and arg != "-":
             j = 1
             while j < len(arg):
@@ -99,28 +106,26 @@ def parse_args(argv: list[str]) -> CommandLine:
                     raise UsageError(f"invalid option -- '{letter}'")
                 name = SHORT_OPTIONS[letter]
                 value = ""
+                written = arg
                 if LONG_OPTIONS[name]:
                     if j < len(arg):
                         value = arg[j:]
                     elif i < len(argv):
                         value = argv[i]
+                        written = f"{arg} {value}"
                         i += 1
                     else:
                         raise UsageError(f"option requires an argument -- '{letter}'")
                     j = len(arg)
-                _record(cmdline, name, value)
+                _record(cmdline, name, value, written)
         else:
-            positional.append(arg)
-    if positional and not (cmdline.help or cmdline.version):
-        raise UsageError(f"{positional[0]}: Unexpected argument")
+            cmdline.options.append(Option("", arg, arg))
     return cmdline
 
 
-def _record(cmdline: CommandLine, name: str, value: str) -> None:
-    if name == "help":
-        cmdline.help = True
-    elif name == "version":
-        cmdline.version = True
+def _record(cmdline: CommandLine, name: str, value: str, written: str) -> None:
+    if name in ("help", "version"):
+        cmdline.info = cmdline.info or name
     elif name == "daemonize":
         cmdline.daemonize = True
     elif name == "pidfile":
@@ -128,7 +133,7 @@ def _record(cmdline: CommandLine, name: str, value: str) -> None:
     elif name == "trace":
         cmdline.trace.append(value)
     else:
-        cmdline.options.append(Option(name, value))
+        cmdline.options.append(Option(name, value, written))
 
 
 def version_text() -> str:
@@ -166,9 +171,7 @@ QEMU storage daemon
 
   --export [type=]fuse,id=<id>,node-name=<node-name>,mountpoint=<file>
            [,growable=on|off][,writable=on|off][,allow-other=on|off|auto]
-           [,iothread=<id>|iothread.0=<id>,iothread.1=<id>...]
                          export the specified block node over FUSE
-                         (a list of iothreads gives one request queue each)
 
   --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
                          configure a QMP monitor

@@ -52,7 +52,8 @@ class Daemon:
         self.unnamed_monitors = 0     # how QEMU numbers compat_monitorN
         self.nbd_server: NbdServer | None = None
         self._shutdown_requested = asyncio.Event()
-        self._shutdown_announced = False
+        # False once quit ran: monitors answer nothing after it, as in QEMU.
+        self.accepting_commands = True
         # QMP commands being executed: shutdown lets them finish first, so that an export
         # being added or deleted is not left half made (mounted, but in no list).
         self.running_commands: set[asyncio.Task[Any]] = set()
@@ -73,14 +74,8 @@ class Daemon:
         for monitor in self.monitors:
             monitor.emit(message)
 
-    def announce_shutdown(self, reason: str) -> None:
-        """Sends QEMU's SHUTDOWN event once, before anything is taken down."""
-        if not self._shutdown_announced:
-            self._shutdown_announced = True
-            self.emit_event("SHUTDOWN", {"guest": False, "reason": reason})
-
-    def request_shutdown(self, reason: str) -> None:
-        self.announce_shutdown(reason)
+    def request_shutdown(self) -> None:
+        """quit or a signal; unlike qemu-system, the storage daemon sends no SHUTDOWN event."""
         self._shutdown_requested.set()
 
     async def wait_for_shutdown_request(self) -> None:

@@ -22,6 +22,7 @@ from qsd.keyval import keyval_parse
 from qsd.qapi.generated import ObjectType
 from qsd.qmp.jsonstream import parse_json_text
 from qsd.qmp.monitor import Monitor
+from qsd.qom.model import class_properties, type_by_name
 
 
 def _structured(text: str, implied_key: str | None) -> tuple[object, bool]:
@@ -76,13 +77,29 @@ async def _chardev(daemon: Daemon, text: str) -> bool:
     return True
 
 
-async def apply_option(daemon: Daemon, name: str, text: str) -> bool:
-    """Applies one option; False means it printed help and the daemon should exit 0."""
-    with location(f"--{name} {text}"):
+def _print_type_help(qom_type: str) -> bool:
+    """``--object TYPE,help``: the type's properties, sorted; False for an unknown type."""
+    if qom_type not in {kind.value for kind in ObjectType}:
+        return False
+    cls = type_by_name(qom_type)
+    assert cls is not None
+    lines = "".join(f"  {name}=<{kind}>\n" for name, kind in sorted(class_properties(cls)))
+    sys.stdout.write(f"{qom_type} options:\n{lines}")
+    return True
+
+
+async def apply_option(daemon: Daemon, name: str, text: str, written: str = "") -> bool:
+    """Applies one option; False means it printed help and the daemon should exit 0.
+
+    ``written`` is the option as the command line had it (QEMU's location names it so).
+    """
+    with location(written or f"--{name} {text}"):
         return await _apply(daemon, name, text)
 
 
 async def _apply(daemon: Daemon, name: str, text: str) -> bool:
+    if not name:
+        raise QMPError("Unexpected argument")
     if name == "blockdev":
         await HANDLERS["blockdev-add"](daemon, _typed("BlockdevOptions", text, "driver"))
     elif name == "export":
@@ -90,6 +107,9 @@ async def _apply(daemon: Daemon, name: str, text: str) -> bool:
     elif name == "object":
         if text == "help":
             _print_object_help()
+            return False
+        qom_type, _, rest = text.removeprefix("qom-type=").partition(",")
+        if rest == "help" and _print_type_help(qom_type):
             return False
         await HANDLERS["object-add"](daemon, _typed("ObjectOptions", text, "qom-type"))
     elif name == "chardev":

@@ -25,7 +25,7 @@ def feed_all(*chunks: bytes) -> list[object]:
 
 
 def err(line: int, col: int, what: str) -> JSONParseError:
-    return JSONParseError(f"JSON parse error at line {line}, column {col}, {what}")
+    return JSONParseError(f"{line}:{col}: JSON parse error, {what}")
 
 
 def test_values_and_single_quotes() -> None:
@@ -151,7 +151,7 @@ def test_parse_json_text() -> None:
     assert parse_json_text('{"driver": "null-co"}') == {"driver": "null-co"}
     for text, message in [("", "Expecting a JSON value"),
                           ('{"a": 1} 2', "Expecting at most one JSON value"),
-                          ('{"a"', "JSON parse error at line 1, column 5, premature end of input")]:
+                          ('{"a"', "1:5: JSON parse error, premature end of input")]:
         with pytest.raises(QMPError) as info:
             parse_json_text(text)
         assert info.value.desc == message

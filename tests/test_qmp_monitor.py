@@ -140,12 +140,23 @@ def test_query_qmp_schema(monitor) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_quit_replies_then_exits(start_qsd: QsdFactory) -> None:
+    """Unlike qemu-system, the storage daemon sends no SHUTDOWN event (11.1.3)."""
     daemon = start_qsd()
     raw = daemon.connect_raw()
     raw.negotiate()
-    event = json.loads(raw.command(b'{"execute":"quit"}'))
-    assert event["event"] == "SHUTDOWN"
-    assert event["data"] == {"guest": False, "reason": "host-qmp-quit"}
-    assert raw.recv_line() == b'{"return": {}}'
+    assert raw.command(b'{"execute":"quit"}') == b'{"return": {}}'
+    assert raw.sock.recv(100) == b""
     assert daemon.wait() == 0
     assert not daemon.qmp_path.exists()
+
+
+def test_nothing_is_answered_after_quit(start_qsd: QsdFactory) -> None:
+    """Requests that arrive with quit, in the same write, are not run (11.1.3)."""
+    daemon = start_qsd("--blockdev", "null-co,node-name=n0")
+    raw = daemon.connect_raw()
+    raw.negotiate()
+    raw.send(b'{"execute":"quit","id":1}{"execute":"query-version","id":2}'
+             b'{"execute":"blockdev-del","arguments":{"node-name":"n0"},"id":3}\n')
+    assert raw.recv_line() == b'{"return": {}, "id": 1}'
+    assert raw.sock.recv(100) == b""
+    assert daemon.wait() == 0

@@ -41,9 +41,10 @@ async def query_qmp_schema(daemon: Daemon, args: None) -> list[dict[str, object]
 
 @command("quit")
 async def quit_(daemon: Daemon, args: None) -> None:
-    # QEMU's daemon announces the shutdown, deletes its exports and cancels its jobs
-    # (sending their events) before the reply goes out, then exits once it was written.
-    daemon.announce_shutdown("host-qmp-quit")
+    # QEMU's daemon deletes its exports and cancels its jobs (sending their events) before
+    # the reply goes out, and answers nothing after it, not even requests that came in the
+    # same write.
+    daemon.accepting_commands = False
     await daemon.close_exports()
     await daemon.jobs.cancel_all()
-    asyncio.get_running_loop().call_soon(daemon.request_shutdown, "host-qmp-quit")
+    asyncio.get_running_loop().call_soon(daemon.request_shutdown)

@@ -115,26 +115,34 @@ class ExportRegistry:
         """Stops serving before the command returns, as QEMU's request_shutdown does.
 
         A client cut off by ``mode=hard`` must see its next request fail even if it sends
-        it right after the reply.  Releasing the node and the event follow afterwards,
-        except for the types whose deletion QEMU completes before the reply.
-        The node is drained meanwhile: requests that a throttle node holds back go at once
-        then, so that stopping does not wait for them (QEMU's export deletion does not).
+        it right after the reply.  An export nobody uses is gone before the command
+        returns, so its BLOCK_EXPORT_DELETED comes first (QEMU deletes it in a bottom
+        half that runs before the reply is sent); so is one whose type QEMU deletes
+        inside the command (``deleted_before_reply``).  Any other export that had clients
+        goes once they are, after the reply.
         """
-        exp.shutting_down = True
-        root = exp.blk.root
+        before_reply = type(exp).deleted_before_reply or not exp.in_use()
         try:
-            if root is None:
-                await exp.shutdown()
-            else:
-                async with drain.drained(self.daemon.graph.lock, [root.node]):
-                    await exp.shutdown()
+            await self._stop(exp)
         finally:
-            if type(exp).deleted_before_reply:
+            if before_reply:
                 await self._release(exp)
             else:
                 task = asyncio.get_running_loop().create_task(self._release(exp, defer=True))
                 self._deletions.add(task)
                 task.add_done_callback(self._deletions.discard)
+
+    async def _stop(self, exp: BlockExport) -> None:
+        """The export stops serving.  Its node is drained meanwhile: requests a throttle
+        node holds back go at once then, so that stopping does not wait for them (QEMU's
+        export deletion does not)."""
+        exp.shutting_down = True
+        root = exp.blk.root
+        if root is None:
+            await exp.shutdown()
+        else:
+            async with drain.drained(self.daemon.graph.lock, [root.node]):
+                await exp.shutdown()
 
     async def _release(self, exp: BlockExport, *, defer: bool = False) -> None:
         if defer:
@@ -148,12 +156,22 @@ class ExportRegistry:
             self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": exp.id})
 
     async def close_all(self, type_name: str | None = None) -> None:
-        """Shuts down every export (of one type), oldest first, each event sent when gone."""
-        for exp in list(reversed(self.exports)):
-            if type_name is None or exp.type == type_name:
-                if not exp.shutting_down:
-                    await self._shut_down(exp)
-                await asyncio.gather(*self._deletions, return_exceptions=True)
+        """Deletes every export (of one type) and waits until all are gone.
+
+        11.1.3's order of events: exports that had clients first, oldest first (their
+        clients go away one after another), then the idle ones, newest first.
+        """
+        chosen = [exp for exp in self.exports
+                  if (type_name is None or exp.type == type_name) and not exp.shutting_down]
+        busy = [exp for exp in reversed(chosen) if exp.in_use()]
+        for exp in busy:
+            try:
+                await self._stop(exp)
+            finally:
+                await self._release(exp)
+        for exp in chosen:
+            if exp not in busy:
+                await self._shut_down(exp)
         await wait_tasks(self._deletions)
 
     def query(self) -> list[dict[str, object]]:

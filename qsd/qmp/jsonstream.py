@@ -137,6 +137,10 @@ def _pairs_to_dict(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 def _qemu_int(text: str) -> int | float:
+    # Past 20 digits a JSON integer cannot be in range (no leading zeros); float() also
+    # spares int() its digit limit (a 5000-digit number is inf, as QEMU's strtod says).
+    if len(text) > 21:
+        return float(text)
     value = int(text)
     return value if -(1 << 63) <= value < (1 << 64) else float(text)
 
@@ -223,9 +227,7 @@ def parse_string(token: bytes) -> str:
 def _number(kind: int, text: bytes) -> int | float:
     """QEMU's QNum rules: int64, else uint64 for non-negative values, else double."""
     if kind == _INT:
-        value = int(text)
-        if -(1 << 63) <= value < (1 << 64):
-            return value
+        return _qemu_int(text.decode("ascii"))
     return float(text)
 
 
@@ -496,7 +498,7 @@ class JSONStreamParser:
                 except _Fail as fail:
                     line, col = self._position(self._cur, loc)
                     detail = fail.detail[:_MAX_MESSAGE].decode("utf-8", "replace")
-                    error = f"JSON parse error at line {line}, column {col}, {detail}"
+                    error = f"{line}:{col}: JSON parse error, {detail}"
             if error is not None:
                 self._out.append(JSONParseError(error))
                 self._error = True

@@ -8,6 +8,7 @@ writer, so a message is never interleaved with another.
 from __future__ import annotations
 
 import asyncio
+import logging
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,9 @@ from qsd.qom.model import Property, QOMObject, read_enum, read_string, store
 if TYPE_CHECKING:
     from qsd.chardev.base import Chardev, Connection
     from qsd.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
 
 def greeting() -> dict[str, object]:
     major, minor, micro = qsd.QEMU_VERSION
@@ -45,25 +49,34 @@ class MonitorSession:
     def send(self, message: object) -> None:
         self.conn.write(encode_message(message, self.monitor.pretty))
 
+    @property
+    def answering(self) -> bool:
+        return self.monitor.daemon.accepting_commands
+
     async def serve(self) -> None:
         self.send(greeting())
         worker = asyncio.create_task(self._run_in_band())
         parser = JSONStreamParser()
         try:
-            while True:
-                data = await self.conn.read()
-                if not data:
-                    break
-                for item in parser.feed(data):
+            # At EOF QEMU drops the connection with its parser: an unfinished request
+            # is neither run nor answered.
+            while self.answering and (data := await self.conn.read()):
+                try:
+                    items = parser.feed(data)
+                except Exception:  # a parser bug must not silently end the session
+                    log.exception("JSON parser failed; the message in progress is lost")
+                    parser = JSONStreamParser()
+                    continue
+                for item in items:
                     self._accept(item)
-            for item in parser.feed_eof():
-                self._accept(item)
             await self.queue.join()
         finally:
             worker.cancel()
             await asyncio.gather(worker, return_exceptions=True)
 
     def _accept(self, item: object) -> None:
+        if not self.answering:
+            return
         if isinstance(item, JSONParseError):
             self.queue.put_nowait((None, None, QMPError(item.desc)))
             return
@@ -81,10 +94,14 @@ class MonitorSession:
         while True:
             message, request, error = await self.queue.get()
             try:
+                if not self.answering:
+                    continue
                 if request is None:
                     self.send(reply(message, error=error))
                 else:
                     await self._execute(message, request)
+            except Exception:  # a bug: log it and go on with the next request
+                log.exception("request %.200r was not answered", message)
             finally:
                 self.queue.task_done()
 
@@ -92,12 +109,17 @@ class MonitorSession:
         token = current_session.set(self)
         try:
             result = await run_command(self.monitor.daemon, request, self.negotiated)
+            response = reply(message, result)
         except QMPError as exc:
-            self.send(reply(message, error=exc))
-        else:
-            self.send(reply(message, result))
+            response = reply(message, error=exc)
         finally:
             current_session.reset(token)
+        try:
+            self.send(response)
+        except Exception as exc:  # an unencodable result is a bug: say so, keep serving
+            log.exception("cannot send the reply to %s", request.command)
+            self.send(reply(message, error=QMPError(
+                f"internal error in {request.command}: {exc}")))
 
     def negotiate(self, enable: list[str]) -> None:
         if self.negotiated:
