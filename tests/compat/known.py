@@ -62,7 +62,7 @@ HEADER = """\
 def parse_known(text: str, where: str = str(KNOWN_PATH)) -> KnownDifferences:
     known = KnownDifferences()
     step: Step | None = None
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip() or line.startswith("# ") or line == "#":
             continue
         if line.startswith("## "):
@@ -88,10 +88,13 @@ def parse_known(text: str, where: str = str(KNOWN_PATH)) -> KnownDifferences:
             step.lines.append(line)
         else:
             raise ValueError(f"{where}:{number}: cannot parse {line!r}")
-    for group in known.groups:
-        if not group.owner or not group.reason or group.reason.upper().startswith("TODO"):
-            raise ValueError(f"{where}: '{group.title}' needs an owner and a reason")
     return known
+
+
+def unexplained(known: KnownDifferences) -> list[str]:
+    """Headings still without an owner or a reason (``update-known`` leaves "TODO")."""
+    return [group.title for group in known.groups
+            if not group.owner or not group.reason or group.reason.upper().startswith("TODO")]
 
 
 def load_known(path: Path = KNOWN_PATH) -> KnownDifferences:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.compat.compare import compare, expectation, golden_path, load_golden
-from tests.compat.known import load_known
+from tests.compat.known import load_known, unexplained
 from tests.compat.launch import ZygoteLauncher
 from tests.compat.runner import run_scenario
 from tests.compat.scenario import Scenario, load_scenarios
@@ -40,6 +40,11 @@ def test_known_differences_name_existing_steps() -> None:
     stale = [f"{scenario}: {key}" for group in known.groups
              for scenario, key in group.entries if (scenario, key) not in keys]
     assert not stale, "known-differences.txt names steps no scenario has:\n" + "\n".join(stale)
+
+
+def test_known_differences_are_explained() -> None:
+    missing = unexplained(load_known())
+    assert not missing, f"known differences without an owner or a reason: {missing}"
 
 
 def test_golden_transcripts_exist_for_every_scenario() -> None:

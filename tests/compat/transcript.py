@@ -72,7 +72,7 @@ def normalise(channel: str, text: str, subs: Substitutions) -> str:
 
 
 def _channel_order(channel: str) -> tuple[int, str]:
-    return (1 if channel == "exit" else 0, channel)
+    return (1 if channel.endswith("exit") else 0, channel)
 
 
 @dataclass
@@ -123,4 +123,5 @@ def parse_steps(lines: Iterable[str], where: str) -> list[Step]:
 
 
 def read_transcript(path: Path) -> list[Step]:
-    return parse_steps(path.read_text().splitlines(), str(path))
+    # Only "\n" ends a line: output may contain other characters splitlines() breaks at.
+    return parse_steps(path.read_text().split("\n"), str(path))
