@@ -14,7 +14,7 @@ DEBIAN_PROGRAMS := fusermount3:fuse3 qemu-img:qemu-utils qemu-io:qemu-utils qemu
 	$(CEPH_PROGRAMS)
 DEBIAN_PYTHON_MODULES := nbd:python3-libnbd ensurepip:python3-venv $(CEPH_MODULES)
 
-.PHONY: run test test-py314 fuzz lint iotests bench stress-throttle deps venv clean
+.PHONY: run test test-py314 fuzz compat lint iotests bench stress-throttle deps venv clean
 
 deps:
 	@scripts/install-debian-deps $(DEBIAN_PROGRAMS) -- $(DEBIAN_PYTHON_MODULES)
@@ -45,6 +45,12 @@ test-py314:
 # The vhost-user-blk fuzz test's long run: 100,000 requests from a hostile front-end.
 fuzz: venv
 	@QSD_FUZZ_REQUESTS=100000 $(PY) -m pytest -q -s tests/test_vhost_fuzz.py
+
+# Re-records the compatibility suite's transcripts from QEMU 11.1's daemon in that chroot
+# and shows what changed (docs/COMPATIBILITY.md).
+compat: venv
+	@scripts/sid-chroot setup
+	@$(PY) scripts/compat record --reference "$(CURDIR)/scripts/sid-chroot run qemu-storage-daemon"
 
 iotests: venv
 	@$(PY) iotests/check

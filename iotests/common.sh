@@ -14,6 +14,9 @@
 #                                cursor lives in a file, so it works inside a pipeline
 #                                (qmp_send ... | sed ...); it is separate from the cursors
 #                                of qmp_cmd/qmp_wait_event: use one style per daemon.
+#                                With QSD_CAPTURE_EVENTS="NAME..." (QEMU's capture_events)
+#                                those events are kept aside instead of printed, and a
+#                                later qmp_send whose PATTERN matches one prints it then.
 #   qsd_stop                     SIGTERM the daemon by PID, wait, drop the connection
 #   qsd_wait                     wait for a daemon that exits by itself (e.g. 'quit')
 # The QMP connection is iotests.py's relay: commands go through a fifo, replies and
@@ -33,7 +36,8 @@ _qsd_lines() {
 
 qsd_start() {
     local sock="$SOCK_DIR/qsd-qmp.sock" fifo="$SOCK_DIR/qsd-qmp.in" i
-    rm -f "$sock" "$fifo" "$SOCK_DIR/qsd-replies" "$SOCK_DIR/qsd-events" "$SOCK_DIR/qsd-all"
+    rm -f "$sock" "$fifo" "$SOCK_DIR/qsd-replies" "$SOCK_DIR/qsd-events" "$SOCK_DIR/qsd-all" \
+        "$SOCK_DIR/qsd-captured"
     : > "$SOCK_DIR/qsd-replies"
     : > "$SOCK_DIR/qsd-events"
     : > "$SOCK_DIR/qsd-all"
@@ -107,7 +111,7 @@ qmp_wait_event() {
 }
 
 qmp_send() {
-    local cmd=$1 pattern=$2 line pos
+    local cmd=$1 pattern=$2 line pos name captured
     if [ -n "$cmd" ]; then
         printf '%s\n' "$cmd"
     fi
@@ -118,14 +122,29 @@ qmp_send() {
     if [ -n "$cmd" ]; then
         printf '%s\n' "$cmd" >&"$QSD_QMP_FD"
     fi
+    # An event captured while an earlier command was waited for counts as arriving now.
+    captured="$SOCK_DIR/qsd-captured"
+    if [ -s "$captured" ] && line=$(grep -m1 -F -- "$pattern" "$captured"); then
+        grep -v -x -F -- "$line" "$captured" > "$captured.new"
+        mv "$captured.new" "$captured"
+        printf '%s\n' "$line"
+        return 0
+    fi
     pos=$(< "$SOCK_DIR/qsd-all.pos")
     while line=$(_qsd_next_line "$SOCK_DIR/qsd-all" "$pos" "$QSD_TIMEOUT"); do
         pos=$((pos + 1))
         echo "$pos" > "$SOCK_DIR/qsd-all.pos"
-        printf '%s\n' "$line"
         if [[ $line == *"$pattern"* ]]; then
+            printf '%s\n' "$line"
             return 0
         fi
+        for name in $QSD_CAPTURE_EVENTS; do
+            if [[ $line == *"\"event\": \"$name\""* ]]; then
+                printf '%s\n' "$line" >> "$captured"
+                continue 2
+            fi
+        done
+        printf '%s\n' "$line"
         # An unexpected error reply ends the wait (the output shows the difference)
         if [[ $line == *'"error": {"class"'* && $line != *'"event": '* ]]; then
             return 1

@@ -22,7 +22,7 @@ from qsd.keyval import keyval_parse
 from qsd.qapi.generated import ObjectType
 from qsd.qmp.jsonstream import parse_json_text
 from qsd.qmp.monitor import Monitor
-from qsd.qom.model import class_properties, type_by_name
+from qsd.qom.model import type_by_name
 
 
 def _structured(text: str, implied_key: str | None) -> tuple[object, bool]:
@@ -83,7 +83,9 @@ def _print_type_help(qom_type: str) -> bool:
         return False
     cls = type_by_name(qom_type)
     assert cls is not None
-    lines = "".join(f"  {name}=<{kind}>\n" for name, kind in sorted(class_properties(cls)))
+    settable = sorted((prop.name, prop.type) for prop in cls.iter_properties()
+                      if prop.set is not None)
+    lines = "".join(f"  {name}=<{kind}>\n" for name, kind in settable)
     sys.stdout.write(f"{qom_type} options:\n{lines}")
     return True
 

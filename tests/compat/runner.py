@@ -34,6 +34,7 @@ Expectation = Callable[[str], "list[str] | None"]
 KILLED = "<did not exit: killed>"
 
 STEP_TIMEOUT = 15.0
+SETTLE_TIMEOUT = 3.0
 EXIT_TIMEOUT = 20.0
 
 
@@ -97,11 +98,14 @@ class Channel:
 
 class Runner:
     def __init__(self, launcher: Launcher, expectation: Expectation | None = None,
-                 quiet: float = 0.3, grace: float = 0.002) -> None:
+                 quiet: float = 0.3, grace: float = 0.002, settle: bool = False) -> None:
         self.launcher = launcher
         self.expectation = expectation
         self.quiet = quiet
         self.grace = grace
+        # settle: wait for the expected lines (a few seconds at most), then for silence;
+        # for listing what qsd says where that is not what 11.1.3 says.
+        self.settle = settle
         self.channels: dict[str, Channel] = {}
         self.daemon: Daemon | None = None
         self.subs = Substitutions()
@@ -145,7 +149,10 @@ class Runner:
             counts = Step(step.key, expected).counts()
             written = step.counts()
             self._wait_for({name: count - written.get(name, 0)
-                            for name, count in counts.items()})
+                            for name, count in counts.items()},
+                           SETTLE_TIMEOUT if self.settle else STEP_TIMEOUT)
+            if self.settle:
+                self._wait_quiet()
         for name in sorted(self.channels):
             channel = self.channels[name]
             for line in channel.lines:
@@ -184,8 +191,8 @@ class Runner:
         while time.monotonic() < deadline and self._pump(quiet):
             pass
 
-    def _wait_for(self, expected: dict[str, int]) -> None:
-        deadline = time.monotonic() + STEP_TIMEOUT
+    def _wait_for(self, expected: dict[str, int], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             missing = [name for name, count in expected.items()
                        if name in self.channels and not self.channels[name].eof
@@ -486,5 +493,5 @@ def _unmount_below(directory: str) -> None:
 
 
 def run_scenario(launcher: Launcher, scenario: Scenario,
-                 expectation: Expectation | None = None) -> list[Step]:
-    return Runner(launcher, expectation).run(scenario)
+                 expectation: Expectation | None = None, settle: bool = False) -> list[Step]:
+    return Runner(launcher, expectation, settle=settle).run(scenario)

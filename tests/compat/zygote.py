@@ -90,9 +90,11 @@ def main() -> None:
     import qsd.daemon
     import qsd.export.fuse.export
     import qsd.export.nbd
+    import qsd.qom.model
     import qsd.startup  # noqa: F401
 
     qsd.commands.registry.load_all()
+    qsd.qom.model.load_all_types()
     serve(socket.socket(fileno=int(sys.argv[1])))
 
 
