@@ -173,6 +173,17 @@ QEMU storage daemon
            [,growable=on|off][,writable=on|off][,allow-other=on|off|auto]
                          export the specified block node over FUSE
 
+  --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,
+           addr.type=unix,addr.path=<socket-path>[,writable=on|off]
+           [,logical-block-size=<block-size>][,num-queues=<num-queues>]
+                         export the specified block node as a
+                         vhost-user-blk device over UNIX domain socket
+  --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,
+           addr.type=fd,addr.str=<fd>[,writable=on|off]
+           [,logical-block-size=<block-size>][,num-queues=<num-queues>]
+                         export the specified block node as a
+                         vhost-user-blk device over file descriptor
+
   --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
                          configure a QMP monitor
 
