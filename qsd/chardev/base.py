@@ -114,8 +114,15 @@ class FdConnection(Connection):
         """Waits until the input can be read; False when it cannot be polled at all."""
         assert self.in_fd is not None
         ready = self._loop.create_future()
+
+        def wake() -> None:
+            # The reader stays armed until this coroutine resumes and removes it, so the
+            # loop may call this twice: only the first one counts.
+            if not ready.done():
+                ready.set_result(None)
+
         try:
-            self._loop.add_reader(self.in_fd, ready.set_result, None)
+            self._loop.add_reader(self.in_fd, wake)
         except PermissionError:
             return False
         try:
