@@ -51,7 +51,10 @@ class Substitutions:
 
     def revert(self, text: str) -> str:
         for name, value in sorted(self.values.items(), key=lambda item: -len(item[1])):
-            text = text.replace(value, name)
+            if value.isdigit():  # a port: never the digits inside a longer number
+                text = re.sub(rf"(?<!\d){value}(?!\d)", name, text)
+            else:
+                text = text.replace(value, name)
         return text
 
 
