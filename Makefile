@@ -50,7 +50,7 @@ fuzz: venv
 # and shows what changed (docs/COMPATIBILITY.md).
 compat: venv
 	@scripts/sid-chroot setup
-	@$(PY) scripts/compat record --reference "$(CURDIR)/scripts/sid-chroot run qemu-storage-daemon"
+	@$(PY) scripts/compat record --reference "$(CURDIR)/scripts/sid-chroot run /usr/bin/qemu-storage-daemon"
 
 iotests: venv
 	@$(PY) iotests/check

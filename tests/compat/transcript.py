@@ -35,7 +35,8 @@ _AUTO_NODE_NAME = re.compile(r"#block(\d+)\d\d\b")
 _PEER_PORT = re.compile(r"( <-> [^\s\"]+:)\d+")
 _VERSION_LINE = re.compile(r"^(?:qemu-storage-daemon|qsd) version (\d+\.\d+)\.\d+ \(.*\)$")
 _COPYRIGHT = re.compile(r"^Copyright \(c\) 2003-\d{4} ")
-_PROGRAM = re.compile(r"(?<![\w/.-])(?:qemu-storage-daemon|qsd)(?![\w/.-])")
+# getopt's messages name the program as it was run, with its directory if it had one.
+_PROGRAM = re.compile(r"(?<![\w/.-])(?:(?:/[\w.+-]+)*/)?(?:qemu-storage-daemon|qsd)(?![\w/.-])")
 
 
 @dataclass
