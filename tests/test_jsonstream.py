@@ -7,6 +7,7 @@ Lexer behaviour and recovery points were checked against Debian's qemu-storage-d
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -201,3 +202,96 @@ def test_garbage_never_raises(chunks: list[bytes]) -> None:
     parser.feed_eof()
     # After garbage, a control character resynchronises the stream.
     assert parser.feed(b"\x01\n{}")[-1] == {}
+
+
+# QEMU's limits, written out so that the tests do not take them from the code they check.
+MAX_TOKEN_SIZE = 64 << 20
+MAX_TOKEN_COUNT = 2 << 20
+_FRAME = (b'{"execute": "q", "id": ', b"}\n")
+# The frame's tokens in bytes: every token counts with its text, spaces are no tokens.
+_FRAME_TOKEN_SIZE = len(b'{"execute":"q","id":}')
+_AFTER = b'{"execute": "after"}\n'
+_SIZE_ERROR = JSONParseError("JSON token size limit exceeded")
+
+
+def _huge_token(kind: str, length: int) -> bytes:
+    if kind == "string":
+        return b'"' + b"x" * (length - 2) + b'"'
+    return (b"1" if kind == "number" else b"x") * length
+
+
+def _expected(kind: str, length: int) -> list[object]:
+    """11.1.3's rule: a request whose tokens add up to 64 MiB or more is refused (a token
+    longer than that alone is cut there, and its rest goes with the refused request);
+    otherwise a string or number is the request's id, a keyword an error."""
+    if _FRAME_TOKEN_SIZE + length >= MAX_TOKEN_SIZE:
+        first: object = _SIZE_ERROR
+    elif kind == "keyword":
+        what = f"invalid keyword '{'x' * length}'"[:1023]
+        first = JSONParseError(f"1:24: JSON parse error, {what}")
+    else:
+        first = {"execute": "q",
+                 "id": "x" * (length - 2) if kind == "string" else float("inf")}
+    return [first, {"execute": "after"}]
+
+
+@settings(max_examples=6, deadline=None)
+@given(kind=st.sampled_from(["string", "number", "keyword"]),
+       over=st.integers(-_FRAME_TOKEN_SIZE - 2, 2),
+       chunk=st.sampled_from([4093, 65536, 1 << 20, 80 << 20]))
+def test_a_huge_token_whatever_the_chunks(kind: str, over: int, chunk: int) -> None:
+    length = MAX_TOKEN_SIZE + over
+    data = _FRAME[0] + _huge_token(kind, length) + _FRAME[1] + _AFTER
+    parser = JSONStreamParser()
+    out: list[object] = []
+    for start in range(0, len(data), chunk):
+        out += parser.feed(data[start:start + chunk])
+    assert out == _expected(kind, length)
+
+
+def _feed_timed(data: bytes, budget: float) -> tuple[list[object], float]:
+    """Feeds ``data`` as a monitor does, 64 KiB at a time and each until its backlog is
+    done; returns the results and the most CPU time one feed() call took."""
+    parser = JSONStreamParser()
+    out: list[object] = []
+    longest = 0.0
+    for start in range(0, len(data), 65536):
+        chunk = data[start:start + 65536]
+        while True:
+            before = time.thread_time()
+            out += parser.feed(chunk, budget)
+            longest = max(longest, time.thread_time() - before)
+            chunk = b""
+            if not parser.backlog:
+                break
+    return out, longest
+
+
+@pytest.mark.parametrize("request_bytes, error", [
+    (_FRAME[0] + _huge_token("string", 70 << 20) + _FRAME[1], _SIZE_ERROR),
+    (_FRAME[0] + _huge_token("number", 70 << 20) + _FRAME[1], _SIZE_ERROR),
+    (_FRAME[0] + _huge_token("keyword", 70 << 20) + _FRAME[1], _SIZE_ERROR),
+    (b"[" + b"1," * (MAX_TOKEN_COUNT // 2 + 1000) + b"1]\n",
+     JSONParseError("JSON token count limit exceeded")),
+], ids=["string", "number", "keyword", "tokens"])
+def test_huge_requests_are_refused_a_slice_at_a_time(request_bytes: bytes,
+                                                     error: JSONParseError) -> None:
+    """Each feed() keeps to its time budget (give or take one token's work), however
+    the request is made, so that the monitor's loop is never held for long."""
+    out, longest = _feed_timed(request_bytes + _AFTER, budget=0.002)
+    assert out == [error, {"execute": "after"}]
+    assert longest < 0.05
+
+
+@pytest.mark.parametrize("token", [
+    b'"' + b"x\\n" * 3000 + b'"', b"'" + b'"' * 9000 + b"'", b"9" * 9000, b"1." + b"5" * 9000,
+    b"x" * 9000, b'"' + b"x" * 9000 + b"\x01", b"-" + b"1" * 9000 + b"e",
+], ids=["string", "single-quoted", "integer", "fraction", "keyword", "bad-string", "bad-number"])
+def test_a_long_token_split_anywhere(token: bytes) -> None:
+    """A long token that grows over many feeds gives what it gives in one piece,
+    locations of later errors included."""
+    data = b'{"a": 1,\n "id": ' + token + b"}\n  nonsense\n"
+    whole = feed_all(data)
+    assert whole[-1] == err(3, 3, "invalid keyword 'nonsense'")
+    for size in (1, 7, 4095, 4097, 5000):
+        assert feed_all(*(data[i:i + size] for i in range(0, len(data), size))) == whole, size

@@ -35,11 +35,12 @@ Streamer and parser (QEMU 11.1):
   the monitor usable), and the QMP spec tells clients to send a control character or 0xFF
   to get the parser into a known state.
 - Limits per message: nesting deeper than 1024 (``JSON nesting depth limit exceeded``),
-  more than 2 Mi tokens (``JSON token count limit exceeded``), more than 64 MiB of token
-  text (``JSON token size limit exceeded``).  These texts carry no prefix.
-- Parser errors read ``JSON parse error at line L, column C, <what>``, where L/C are the
-  start of the offending token counted from the start of the connection (1-based, in
-  bytes).  As in QEMU, a token that directly follows a number, a keyword or the end of
+  more than 2 Mi tokens (``JSON token count limit exceeded``), 64 MiB of token text or
+  more (``JSON token size limit exceeded``; 11.1.3 refuses a request whose tokens add up
+  to exactly 64 MiB, and takes one of 2 Mi tokens).  These texts carry no prefix.
+- Parser errors read ``L:C: JSON parse error, <what>`` (as 11.1.3 prints them), where L/C
+  are the start of the offending token counted from the start of the connection (1-based,
+  in bytes).  As in QEMU, a token that directly follows a number, a keyword or the end of
   error-skipping is placed one column too far right.  ``<what>`` is at most 1023 bytes.
   7.2 said ``JSON parse error, <what>`` with other texts (``expected separator in dict``,
   ``missing : in object pair``); 11.1's are ``expecting value``, ``expecting key``,
@@ -47,20 +48,30 @@ Streamer and parser (QEMU 11.1):
   ``invalid keyword 'x'``, ``stray 'x'``, ``premature end of input``, and from strings
   ``invalid escape sequence in string``, ``invalid UTF-8 sequence in string``,
   ``\\uXXXX is not a valid Unicode character`` (the escape text as written, e.g.
-  ``\\u12"`` for ``"\\u12"``).  The 11.1 series' first posting printed the stray error as
-  ``JSON parse error, stray`` inside the prefix; qsd prints it once.
+  ``\\u12"`` for ``"\\u12"``).
 - Strings are modified UTF-8: ``C0 80`` is NUL; surrogates (raw or as a lone ``\\uD800``),
   noncharacters (U+FDD0..U+FDEF, U+xFFFE/U+xFFFF) and code points above U+10FFFF are
   rejected; a ``\\uD8xx\\uDCxx`` pair is combined.
 - Integers in int64 stay ints, non-negative ones up to 2**64-1 too; larger ones become
   floats (``123456789012345678901234567890`` -> ``1.2345678901234568e+29``), as do
   negative ones below int64.  Duplicate keys are an error.
+
+Speed (QEMU 11.1.3 reads its monitor a byte per main-loop turn: 18 s for a 4 MB string):
+
+- A complete standard-JSON message in one buffer is decoded by Python's C decoder.
+- An unfinished string, number or keyword longer than 4 KiB grows chunk by chunk without
+  being lexed again, and is cut at the size limit as it arrives.
+- After an error, the rest of the message is skipped by a regular expression that stops
+  only where QEMU's lexer could end it (brackets, lexical errors).
+- ``feed()`` takes a time budget; what it could not lex in time waits as ``backlog``, so
+  the monitor can let the loop run between slices of a huge request.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 
 from qsd.errors import QMPError
@@ -88,20 +99,32 @@ class _Fail(Exception):
         self.detail = detail
 
 
+# A string's inside (QEMU's lexer takes any byte but controls and 0xFE/0xFF), for either
+# quote; a number where what follows surely ends it (the rest go the slow way).
+_BODY = {quote: rb"(?:[^" + quote + rb"\\\x00-\x1f\xfe\xff]++|\\[\x20-\xfd])*+"
+         for quote in (b'"', b"'")}
+_NUMBER = rb"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?(?=[ \t\r\n,:\[\]{}])"
 # Complete tokens that need no lookahead decision; keywords only when the next byte is
 # known (at the end of the buffer more letters may follow).
 _TOKEN = re.compile(
     rb"([ \t\r\n]+)"
     rb"|([{}\[\],:])"
-    rb'|("(?:[^"\\\x00-\x1f\xfe\xff]|\\[\x20-\xfd])*+")'
-    rb"|('(?:[^'\\\x00-\x1f\xfe\xff]|\\[\x20-\xfd])*+')"
+    rb'|("' + _BODY[b'"'] + rb'")'
+    rb"|('" + _BODY[b"'"] + rb"')"
     rb"|([a-z]++)(?=[^a-z])"
+    rb"|(" + _NUMBER + rb")"
+)
+# After an error the rest of the message only has its brackets counted: whole runs of
+# tokens that cannot end it (no bracket, no lexical error) are skipped in one go.
+_ERROR_SKIP = re.compile(
+    rb"(?:[ \t\r\n,:]++"
+    rb'|"' + _BODY[b'"'] + rb'"'
+    rb"|'" + _BODY[b"'"] + rb"'"
+    rb"|[a-z]++(?=[^a-z])"
+    rb"|" + _NUMBER + rb")*+"
 )
 # The inside of an unfinished string, resumable where the previous scan stopped.
-_STRING_BODY = {
-    ord('"'): re.compile(rb'(?:[^"\\\x00-\x1f\xfe\xff]|\\[\x20-\xfd])*+'),
-    ord("'"): re.compile(rb"(?:[^'\\\x00-\x1f\xfe\xff]|\\[\x20-\xfd])*+"),
-}
+_STRING_BODY = {quote[0]: re.compile(body) for quote, body in _BODY.items()}
 _DIGITS = re.compile(rb"[0-9]*")
 _KEYWORD_TAIL = re.compile(rb"[a-z]*")
 # Error recovery skips everything but structural characters, controls other than tab,
@@ -154,12 +177,13 @@ def _no_constants(text: str) -> object:
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs_to_dict, parse_int=_qemu_int,
                             parse_constant=_no_constants)
 _FAST_MAX = 1 << 20  # far below the token count and size limits
+_LONG_TOKEN = 1 << 12  # an unfinished token this long grows without being lexed again
 _SUSPICIOUS_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|[fF][dD][d-fD-F]|[fF]{3}[eEfF])")
 
 
-def _run_end(pattern: re.Pattern[bytes], buf: bytes, pos: int) -> int:
-    """Where a ``*`` pattern (which always matches, maybe empty) stops."""
-    m = pattern.match(buf, pos)
+def _run_end(pattern: re.Pattern[bytes], buf: bytes, pos: int, end: int | None = None) -> int:
+    """Where a ``*`` pattern (which always matches, maybe empty) stops, not past end."""
+    m = pattern.match(buf, pos) if end is None else pattern.match(buf, pos, end)
     return m.end() if m else pos
 
 
@@ -246,7 +270,13 @@ class JSONStreamParser:
     """Incremental QMP input parser; see the module docstring for the exact behaviour."""
 
     def __init__(self) -> None:
+        # Input not lexed yet: an unfinished token (more of a long one in _more), or what
+        # a spent time budget left (_backlog).
         self._buf = b""
+        self._more: list[bytes] = []
+        self._more_len = 0
+        self._backlog = False
+        self._deadline: float | None = None
         # QEMU's lexer position: (line, column) of the next byte, at the start of _buf.
         self._line = 1
         self._col = 1
@@ -266,10 +296,22 @@ class JSONStreamParser:
 
     # -- public API --------------------------------------------------------
 
-    def feed(self, data: bytes) -> list[object | JSONParseError]:
-        """Consume ``data``; return the values and errors it completes, in order."""
+    @property
+    def backlog(self) -> bool:
+        """Whether input is left over from a feed() whose time budget ran out."""
+        return self._backlog
+
+    def feed(self, data: bytes, budget: float | None = None) -> list[object | JSONParseError]:
+        """Consume ``data``; return the values and errors it completes, in order.
+
+        With a ``budget`` (seconds), lexing stops at a token once that much time has
+        passed and the rest waits as ``backlog`` for the next call (``feed(b"")``), so
+        that a caller on an event loop can let other work run in between.
+        """
         self._out = []
-        self._lex(self._buf + data if self._buf else data, final=False)
+        self._deadline = None if budget is None else time.monotonic() + budget
+        if not self._absorb(data):
+            self._lex(self._pending(data), final=False)
         return self._out
 
     def feed_eof(self) -> list[object | JSONParseError]:
@@ -280,13 +322,80 @@ class JSONStreamParser:
         flushes: at EOF it drops the connection and its parser.)
         """
         self._out = []
-        self._lex(self._buf, final=True)
+        self._deadline = None
+        self._lex(self._pending(b""), final=True)
         self._recovering = False
         self._cur = b""
         self._token(_EOI, b"", 0)
         return self._out
 
     # -- lexer ---------------------------------------------------------------
+
+    def _pending(self, data: bytes) -> bytes:
+        """The input not lexed yet, followed by ``data``."""
+        if self._more:
+            data = b"".join([self._buf, *self._more, data])
+            self._more.clear()
+            self._more_len = 0
+        elif self._buf:
+            data = self._buf + data
+        self._buf = b""
+        return data
+
+    def _absorb(self, data: bytes) -> bool:
+        """Grow a long unfinished string, number or keyword by ``data`` without lexing
+        it again; False if ``data`` has to be lexed with it.
+
+        This keeps a huge token linear in its size.  At the size limit the token is cut
+        as QEMU's lexer cuts it, and lexing starts afresh after the cut.
+        """
+        head = self._buf
+        length = len(head) + self._more_len
+        if length < _LONG_TOKEN or self._backlog or not data:
+            return False
+        cut = min(len(data), MAX_TOKEN_SIZE + 1 - length)
+        if head[0] in _STRING_BODY:
+            start = length - self._string_scan  # 1 after a backslash, else 0
+            if start and not 0x20 <= data[0] <= 0xFD:
+                return False
+            end = _run_end(_STRING_BODY[head[0]], data, start, cut)
+            if end < cut - 1 or (end == cut - 1 and data[end] != ord("\\")):
+                return False
+            self._string_scan = length + end
+        elif ord("a") <= head[0] <= ord("z"):
+            end = _run_end(_KEYWORD_TAIL, data, 0, cut)
+            if end < cut:
+                # It ends here, and one this long is invalid: its head makes the error.
+                self._cur = head
+                self._token(_KW, head[:_MAX_MESSAGE], self._loc_offset(0), length + end)
+                self._skew = True
+                self._drop_pending(length + end)
+                self._lex(data[end:], final=False)
+                return True
+        elif not (ord("0") <= (self._more[-1] if self._more else head)[-1] <= ord("9")
+                  and data[:cut].isdigit()):
+            # A number takes more digits once it ends in one (a leading zero is never
+            # this long); anything else is lexed.
+            return False
+        if length + cut <= MAX_TOKEN_SIZE:
+            self._more.append(data)
+            self._more_len += len(data)
+            return True
+        # The token reaches the limit: hand it on without its bytes, and lex what
+        # follows the cut.
+        self._drop_pending(MAX_TOKEN_SIZE + 1)
+        self._token(_HUGE, b"", 0, MAX_TOKEN_SIZE + 1)
+        self._lex(data[cut:], final=False)
+        return True
+
+    def _drop_pending(self, size: int) -> None:
+        """Forget an unfinished token that has been lexed ``size`` bytes far (these
+        tokens hold no newline)."""
+        self._buf = b""
+        self._more.clear()
+        self._more_len = 0
+        self._string_scan = 0
+        self._col += size
 
     def _loc_offset(self, start: int) -> int:
         """The buffer offset whose position QEMU reports for a token starting at start."""
@@ -296,13 +405,22 @@ class JSONStreamParser:
         return start
 
     def _lex(self, buf: bytes, final: bool) -> None:
-        """Tokenize ``buf``; keep an incomplete trailing token for the next call."""
+        """Tokenize ``buf``; keep an incomplete trailing token for the next call, and
+        the rest of ``buf`` as backlog when the time budget runs out."""
         self._cur = buf
+        self._backlog = False
         n = len(buf)
         pos = 0
         match = _TOKEN.match
         text = buf.decode("ascii") if n < 4 * _FAST_MAX and buf.isascii() else None
+        deadline = self._deadline
+        rounds = 0
         while pos < n:
+            if deadline is not None:
+                rounds += 1
+                if not rounds & 63 and time.monotonic() > deadline:
+                    self._backlog = True
+                    break
             if (text is not None and buf[pos] in b"{[" and not self._recovering
                     and not self._braces and not self._brackets and not self._error):
                 end = self._lex_fast(text, pos)
@@ -316,6 +434,11 @@ class JSONStreamParser:
                 self._recovering = False
                 self._skew = True
                 continue
+            if self._error and not self._string_scan:
+                end = _run_end(_ERROR_SKIP, buf, pos)
+                if end > pos:
+                    pos = end
+                    continue
             if self._string_scan:
                 # An unfinished string from the previous call starts at 0.
                 end = self._lex_string(buf, 0, self._string_scan, final)
@@ -330,6 +453,11 @@ class JSONStreamParser:
                     elif group == 5:
                         self._token(_KW, m.group(), self._loc_offset(pos))
                         self._skew = True
+                    elif group == 6:
+                        number = m.group()
+                        kind = _INT if number.isdigit() or number[1:].isdigit() else _FLOAT
+                        self._token(kind, number, self._loc_offset(pos))
+                        self._skew = True
                     else:
                         self._token(_STR, m.group(), self._loc_offset(pos))
                     pos = m.end()
@@ -340,7 +468,7 @@ class JSONStreamParser:
             pos = end
         self._advance(buf, pos)
         self._buf = buf[pos:]
-        if len(self._buf) > MAX_TOKEN_SIZE:
+        if not self._backlog and len(self._buf) > MAX_TOKEN_SIZE:
             # QEMU's lexer hands an oversized token on and starts afresh after it.
             huge, rest = self._buf[: MAX_TOKEN_SIZE + 1], self._buf[MAX_TOKEN_SIZE + 1:]
             self._buf = b""
@@ -465,9 +593,12 @@ class JSONStreamParser:
 
     # -- streamer ------------------------------------------------------------
 
-    def _token(self, kind: int, text: bytes, loc: int) -> None:
-        """QEMU's json_message_process_token(): boundaries, limits, error recovery."""
-        self._token_size += len(text) if text else 1
+    def _token(self, kind: int, text: bytes, loc: int, size: int = 0) -> None:
+        """QEMU's json_message_process_token(): boundaries, limits, error recovery.
+
+        ``size`` stands for the length of a huge token passed without its bytes.
+        """
+        self._token_size += size or len(text) or 1
         self._token_count += 1
         underflow = False
         if kind == _LCURLY:
@@ -486,7 +617,7 @@ class JSONStreamParser:
                 underflow = True
         if not self._error:
             error: str | None = None
-            if self._token_size > MAX_TOKEN_SIZE:
+            if self._token_size >= MAX_TOKEN_SIZE:
                 error = "JSON token size limit exceeded"
             elif self._token_count > MAX_TOKEN_COUNT:
                 error = "JSON token count limit exceeded"

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How long the parser may run before the loop gets a turn: a request of many megabytes
+# must not hold up the other monitors, exports and jobs on the main loop.
+_PARSE_BUDGET = 0.002
+
 
 def greeting() -> dict[str, object]:
     major, minor, micro = qsd.QEMU_VERSION
@@ -61,18 +65,27 @@ class MonitorSession:
             # At EOF QEMU drops the connection with its parser: an unfinished request
             # is neither run nor answered.
             while self.answering and (data := await self.conn.read()):
-                try:
-                    items = parser.feed(data)
-                except Exception:  # a parser bug must not silently end the session
-                    log.exception("JSON parser failed; the message in progress is lost")
-                    parser = JSONStreamParser()
-                    continue
-                for item in items:
-                    self._accept(item)
+                parser = await self._parse(parser, data)
             await self.queue.join()
         finally:
             worker.cancel()
             await asyncio.gather(worker, return_exceptions=True)
+
+    async def _parse(self, parser: JSONStreamParser, data: bytes) -> JSONStreamParser:
+        """Feeds ``data`` to the parser a slice of time at a time; returns the parser to
+        go on with (a new one after a parser bug)."""
+        while True:
+            try:
+                items = parser.feed(data, _PARSE_BUDGET)
+            except Exception:  # a parser bug must not silently end the session
+                log.exception("JSON parser failed; the message in progress is lost")
+                return JSONStreamParser()
+            for item in items:
+                self._accept(item)
+            if not parser.backlog or not self.answering:
+                return parser
+            data = b""
+            await asyncio.sleep(0)
 
     def _accept(self, item: object) -> None:
         if not self.answering:
