@@ -245,11 +245,23 @@ def _listen_inet(addr: SocketAddressVariantInet, family: int, host: str, port: i
 
 
 def _set_keep_alive(sock: socket.socket, addr: SocketAddressVariantInet) -> None:
-    if addr.keep_alive:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError as exc:
-            raise _error("Unable to set keep-alive option on socket", exc) from None
+    """QEMU's inet_set_sockopts(): the TCP options apply only with keep-alive on, and
+    only when given and not 0 (the kernel's range check answers out-of-range values)."""
+    if not addr.keep_alive:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError as exc:
+        raise _error("Unable to set keep-alive option on socket", exc) from None
+    for value, option, what in ((addr.keep_alive_count, socket.TCP_KEEPCNT, "count"),
+                                (addr.keep_alive_idle, socket.TCP_KEEPIDLE, "idle"),
+                                (addr.keep_alive_interval, socket.TCP_KEEPINTVL, "interval")):
+        if value:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError as exc:
+                raise _error(f"Unable to set TCP keep-alive {what} option on socket",
+                             exc) from None
 
 
 def _listen_vsock(addr: SocketAddressVariantVsock, backlog: int) -> socket.socket:

@@ -568,6 +568,33 @@ class Qcow2BitmapInfo(_base.QAPIModel):
     )
 
 
+class ImageInfoSpecificQCow2Encryption(_base.QAPIModel):
+    """QAPI union ImageInfoSpecificQCow2Encryption: a value is one of its Variant classes."""
+
+    format: BlockdevQcow2EncryptionFormat
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'BlockdevQcow2EncryptionFormat', False),
+    )
+    __qapi_tag__ = 'format'
+
+
+class QCryptoBlockInfoBase(_base.QAPIModel):
+    """QAPI struct QCryptoBlockInfoBase."""
+
+    __qapi_members__ = ()
+
+
+class ImageInfoSpecificQCow2EncryptionVariantAes(ImageInfoSpecificQCow2Encryption, QCryptoBlockInfoBase):
+    """ImageInfoSpecificQCow2Encryption with format 'aes'."""
+
+    format: BlockdevQcow2EncryptionFormat
+
+    __qapi_members__ = (
+        _base.MemberSpec('format', 'format', 'BlockdevQcow2EncryptionFormat', False),
+    )
+
+
 class ImageInfoSpecificQCow2(_base.QAPIModel):
     """QAPI struct ImageInfoSpecificQCow2."""
 
@@ -578,6 +605,7 @@ class ImageInfoSpecificQCow2(_base.QAPIModel):
     lazy_refcounts: builtins.bool | None = None
     corrupt: builtins.bool | None = None
     refcount_bits: builtins.int
+    encrypt: ImageInfoSpecificQCow2Encryption | None = None
     bitmaps: list[Qcow2BitmapInfo] | None = None
     compression_type: Qcow2CompressionType
 
@@ -589,6 +617,7 @@ class ImageInfoSpecificQCow2(_base.QAPIModel):
         _base.MemberSpec('lazy-refcounts', 'lazy_refcounts', 'bool', True),
         _base.MemberSpec('corrupt', 'corrupt', 'bool', True),
         _base.MemberSpec('refcount-bits', 'refcount_bits', 'int', False),
+        _base.MemberSpec('encrypt', 'encrypt', 'ImageInfoSpecificQCow2Encryption', True),
         _base.MemberSpec('bitmaps', 'bitmaps', '[Qcow2BitmapInfo]', True),
         _base.MemberSpec('compression-type', 'compression_type', 'Qcow2CompressionType', False),
     )
@@ -817,7 +846,7 @@ class BlockDeviceInfo(_base.QAPIModel):
     """QAPI struct BlockDeviceInfo."""
 
     file: builtins.str
-    node_name: builtins.str | None = None
+    node_name: builtins.str
     ro: builtins.bool
     drv: builtins.str
     backing_file: builtins.str | None = None
@@ -849,10 +878,11 @@ class BlockDeviceInfo(_base.QAPIModel):
     group: builtins.str | None = None
     cache: BlockdevCacheInfo
     write_threshold: builtins.int
+    dirty_bitmaps: list[BlockDirtyInfo] | None = None
 
     __qapi_members__ = (
         _base.MemberSpec('file', 'file', 'str', False),
-        _base.MemberSpec('node-name', 'node_name', 'str', True),
+        _base.MemberSpec('node-name', 'node_name', 'str', False),
         _base.MemberSpec('ro', 'ro', 'bool', False),
         _base.MemberSpec('drv', 'drv', 'str', False),
         _base.MemberSpec('backing_file', 'backing_file', 'str', True),
@@ -884,6 +914,29 @@ class BlockDeviceInfo(_base.QAPIModel):
         _base.MemberSpec('group', 'group', 'str', True),
         _base.MemberSpec('cache', 'cache', 'BlockdevCacheInfo', False),
         _base.MemberSpec('write_threshold', 'write_threshold', 'int', False),
+        _base.MemberSpec('dirty-bitmaps', 'dirty_bitmaps', '[BlockDirtyInfo]', True),
+    )
+
+
+class BlockDirtyInfo(_base.QAPIModel):
+    """QAPI struct BlockDirtyInfo."""
+
+    name: builtins.str | None = None
+    count: builtins.int
+    granularity: builtins.int
+    recording: builtins.bool
+    busy: builtins.bool
+    persistent: builtins.bool
+    inconsistent: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('name', 'name', 'str', True),
+        _base.MemberSpec('count', 'count', 'int', False),
+        _base.MemberSpec('granularity', 'granularity', 'uint32', False),
+        _base.MemberSpec('recording', 'recording', 'bool', False),
+        _base.MemberSpec('busy', 'busy', 'bool', False),
+        _base.MemberSpec('persistent', 'persistent', 'bool', False),
+        _base.MemberSpec('inconsistent', 'inconsistent', 'bool', True),
     )
 
 
@@ -2831,6 +2884,9 @@ class InetSocketAddress(InetSocketAddressBase):
     ipv4: builtins.bool | None = None
     ipv6: builtins.bool | None = None
     keep_alive: builtins.bool | None = None
+    keep_alive_count: builtins.int | None = None
+    keep_alive_idle: builtins.int | None = None
+    keep_alive_interval: builtins.int | None = None
     mptcp: builtins.bool | None = None
 
     __qapi_members__ = (
@@ -2841,6 +2897,9 @@ class InetSocketAddress(InetSocketAddressBase):
         _base.MemberSpec('ipv4', 'ipv4', 'bool', True),
         _base.MemberSpec('ipv6', 'ipv6', 'bool', True),
         _base.MemberSpec('keep-alive', 'keep_alive', 'bool', True),
+        _base.MemberSpec('keep-alive-count', 'keep_alive_count', 'uint32', True),
+        _base.MemberSpec('keep-alive-idle', 'keep_alive_idle', 'uint32', True),
+        _base.MemberSpec('keep-alive-interval', 'keep_alive_interval', 'uint32', True),
         _base.MemberSpec('mptcp', 'mptcp', 'bool', True),
     )
 
@@ -3002,6 +3061,9 @@ class SocketAddressVariantInet(SocketAddress, InetSocketAddress):
     ipv4: builtins.bool | None = None
     ipv6: builtins.bool | None = None
     keep_alive: builtins.bool | None = None
+    keep_alive_count: builtins.int | None = None
+    keep_alive_idle: builtins.int | None = None
+    keep_alive_interval: builtins.int | None = None
     mptcp: builtins.bool | None = None
 
     __qapi_members__ = (
@@ -3013,6 +3075,9 @@ class SocketAddressVariantInet(SocketAddress, InetSocketAddress):
         _base.MemberSpec('ipv4', 'ipv4', 'bool', True),
         _base.MemberSpec('ipv6', 'ipv6', 'bool', True),
         _base.MemberSpec('keep-alive', 'keep_alive', 'bool', True),
+        _base.MemberSpec('keep-alive-count', 'keep_alive_count', 'uint32', True),
+        _base.MemberSpec('keep-alive-idle', 'keep_alive_idle', 'uint32', True),
+        _base.MemberSpec('keep-alive-interval', 'keep_alive_interval', 'uint32', True),
         _base.MemberSpec('mptcp', 'mptcp', 'bool', True),
     )
 
@@ -4426,6 +4491,7 @@ StrOrNull: typing.TypeAlias = typing.Union[builtins.str, None]
 BlockExportIothreads: typing.TypeAlias = typing.Union[builtins.str, list[builtins.str]]
 
 
+ImageInfoSpecificQCow2Encryption.__qapi_variants__ = {'aes': ImageInfoSpecificQCow2EncryptionVariantAes}
 ImageInfoSpecific.__qapi_variants__ = {'qcow2': ImageInfoSpecificVariantQcow2, 'rbd': ImageInfoSpecificVariantRbd, 'file': ImageInfoSpecificVariantFile}
 BlockStatsSpecific.__qapi_variants__ = {'file': BlockStatsSpecificVariantFile}
 BlockJobInfo.__qapi_variants__ = {'mirror': BlockJobInfoVariantMirror}
@@ -4457,6 +4523,8 @@ TYPES: dict[str, type] = {
     'Qcow2CompressionType': Qcow2CompressionType,
     'Qcow2BitmapInfoFlags': Qcow2BitmapInfoFlags,
     'Qcow2BitmapInfo': Qcow2BitmapInfo,
+    'ImageInfoSpecificQCow2Encryption': ImageInfoSpecificQCow2Encryption,
+    'QCryptoBlockInfoBase': QCryptoBlockInfoBase,
     'ImageInfoSpecificQCow2': ImageInfoSpecificQCow2,
     'ImageInfoSpecificQCow2Wrapper': ImageInfoSpecificQCow2Wrapper,
     'ImageInfoSpecificKind': ImageInfoSpecificKind,
@@ -4471,6 +4539,7 @@ TYPES: dict[str, type] = {
     'BlockdevCacheInfo': BlockdevCacheInfo,
     'BlockdevChild': BlockdevChild,
     'BlockDeviceInfo': BlockDeviceInfo,
+    'BlockDirtyInfo': BlockDirtyInfo,
     'BlockDeviceIoStatus': BlockDeviceIoStatus,
     'BlockInfo': BlockInfo,
     'QueryBlockArgs': QueryBlockArgs,
