@@ -204,6 +204,8 @@ class FileNode(BlockNode):
         aio = options.aio.value if options.aio is not None else "threads"
         locking = options.locking.value if options.locking is not None else "auto"
         self._filename = options.filename
+        if not options.filename:
+            raise QMPError("The 'file' block driver requires a file name")
         if aio == "native" and not self.opts.cache_direct:
             raise QMPError("aio=native was specified, but it requires cache.direct=on, "
                            "which was not specified.")
