@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Qsd, fuse_mounts, wait_for_listener
+from tests.harness import Monitor, Qsd, fuse_mounts, wait_for_listener
 from tests.qcow2_images import RECIPES, Recipe, build, run
 
 pytestmark = pytest.mark.skipif(
@@ -57,15 +57,12 @@ def wait_for_mount(path: Path, proc: subprocess.Popen[bytes], timeout: float = 2
 
 
 def qmp(daemon: Qsd, command: str, **args: object) -> dict[str, object]:
-    mon = daemon.connect_raw()
+    """The command's reply; events before it (BLOCK_EXPORT_DELETED) are passed over."""
+    mon = Monitor(daemon)
     try:
-        mon.negotiate()
-        reply = json.loads(mon.command(json.dumps({"execute": command,
-                                                    "arguments": args}).encode()))
+        return mon.cmd(command, **args)
     finally:
-        mon.close()
-    assert isinstance(reply, dict)
-    return reply
+        mon.raw.close()
 
 
 def resize(daemon: Qsd, export: str, size: int) -> None:
