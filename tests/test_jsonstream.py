@@ -221,14 +221,15 @@ def _huge_token(kind: str, length: int) -> bytes:
 
 
 def _expected(kind: str, length: int) -> list[object]:
-    """11.1.3's rule: a request whose tokens add up to 64 MiB or more is refused (a token
-    longer than that alone is cut there, and its rest goes with the refused request);
-    otherwise a string or number is the request's id, a keyword an error."""
-    if _FRAME_TOKEN_SIZE + length >= MAX_TOKEN_SIZE:
-        first: object = _SIZE_ERROR
-    elif kind == "keyword":
+    """11.1.3's rule: the first token that brings a request to 64 MiB of tokens or more
+    refuses it (a token longer than that alone is cut there, and its rest goes with the
+    refused request); before that a keyword is an error, a string or number the id."""
+    # all of the frame's tokens but the closing brace come before the id
+    if kind == "keyword" and _FRAME_TOKEN_SIZE - 1 + length < MAX_TOKEN_SIZE:
         what = f"invalid keyword '{'x' * length}'"[:1023]
-        first = JSONParseError(f"1:24: JSON parse error, {what}")
+        first: object = JSONParseError(f"1:24: JSON parse error, {what}")
+    elif _FRAME_TOKEN_SIZE + length >= MAX_TOKEN_SIZE:
+        first = _SIZE_ERROR
     else:
         first = {"execute": "q",
                  "id": "x" * (length - 2) if kind == "string" else float("inf")}
@@ -287,10 +288,12 @@ def test_huge_requests_are_refused_a_slice_at_a_time(request_bytes: bytes,
     b'"' + b"x\\n" * 3000 + b'"', b"'" + b'"' * 9000 + b"'", b"9" * 9000, b"1." + b"5" * 9000,
     b"x" * 9000, b'"' + b"x" * 9000 + b"\x01", b"-" + b"1" * 9000 + b"e",
 ], ids=["string", "single-quoted", "integer", "fraction", "keyword", "bad-string", "bad-number"])
-def test_a_long_token_split_anywhere(token: bytes) -> None:
+@pytest.mark.parametrize("before", [b'{"a": 1,\n "id": ', b'{"a": x,\n "id": '],
+                         ids=["valid", "after-an-error"])
+def test_a_long_token_split_anywhere(token: bytes, before: bytes) -> None:
     """A long token that grows over many feeds gives what it gives in one piece,
-    locations of later errors included."""
-    data = b'{"a": 1,\n "id": ' + token + b"}\n  nonsense\n"
+    locations of later errors included, and whether it is parsed or skipped."""
+    data = before + token + b"}\n  nonsense\n"
     whole = feed_all(data)
     assert whole[-1] == err(3, 3, "invalid keyword 'nonsense'")
     for size in (1, 7, 4095, 4097, 5000):

@@ -360,7 +360,7 @@ class JSONStreamParser:
                 return False
             end = _run_end(_STRING_BODY[head[0]], data, start, cut)
             if end < cut - 1 or (end == cut - 1 and data[end] != ord("\\")):
-                return False
+                return data[end] == head[0] and self._skip_ended(_STR, length, end + 1, data)
             self._string_scan = length + end
         elif ord("a") <= head[0] <= ord("z"):
             end = _run_end(_KEYWORD_TAIL, data, 0, cut)
@@ -372,11 +372,14 @@ class JSONStreamParser:
                 self._drop_pending(length + end)
                 self._lex(data[end:], final=False)
                 return True
-        elif not (ord("0") <= (self._more[-1] if self._more else head)[-1] <= ord("9")
-                  and data[:cut].isdigit()):
-            # A number takes more digits once it ends in one (a leading zero is never
-            # this long); anything else is lexed.
+        elif not ord("0") <= (self._more[-1] if self._more else head)[-1] <= ord("9"):
             return False
+        else:
+            # A number takes more digits once it ends in one (a leading zero is never
+            # this long); a fraction or an exponent is lexed.
+            end = _run_end(_DIGITS, data, 0, cut)
+            if end < cut:
+                return data[end] not in b".eE" and self._skip_ended(_INT, length, end, data)
         if length + cut <= MAX_TOKEN_SIZE:
             self._more.append(data)
             self._more_len += len(data)
@@ -386,6 +389,18 @@ class JSONStreamParser:
         self._drop_pending(MAX_TOKEN_SIZE + 1)
         self._token(_HUGE, b"", 0, MAX_TOKEN_SIZE + 1)
         self._lex(data[cut:], final=False)
+        return True
+
+    def _skip_ended(self, kind: int, length: int, used: int, data: bytes) -> bool:
+        """After an error nothing is parsed, so a long string or number that ends after
+        ``used`` bytes of ``data`` is passed on by its size alone; False before one."""
+        if not self._error:
+            return False
+        self._loc_offset(0)
+        self._token(kind, b"", 0, length + used)
+        self._skew = kind == _INT
+        self._drop_pending(length + used)
+        self._lex(data[used:], final=False)
         return True
 
     def _drop_pending(self, size: int) -> None:
