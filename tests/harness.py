@@ -51,6 +51,20 @@ def fuse_mounts() -> set[str]:
         return {line.split()[1] for line in mounts if line.split()[2].startswith("fuse")}
 
 
+def fd_numbers(pid: int, target: str) -> set[int]:
+    """The numbers of process ``pid``'s open fds that lead to ``target`` (a path such as
+    /dev/fuse, or a kernel object's name such as anon_inode:[io_uring])."""
+    fd_dir = f"/proc/{pid}/fd"
+    found = set()
+    for name in os.listdir(fd_dir):
+        try:
+            if os.readlink(f"{fd_dir}/{name}") == target:
+                found.add(int(name))
+        except OSError:
+            pass    # closed while we looked
+    return found
+
+
 def is_listening(path: Path, pid: int | str = "self") -> bool:
     """Whether a unix socket at ``path`` accepts connections (flag __SO_ACCEPTCON), as
     seen from the network namespace of process ``pid`` (the table is per namespace)."""

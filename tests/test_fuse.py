@@ -21,7 +21,7 @@ import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from tests.conftest import QsdFactory
-from tests.harness import Qsd, fuse_mounts
+from tests.harness import Qsd, fd_numbers, fuse_mounts
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -93,15 +93,7 @@ def random_image(path: Path, size: int) -> None:
 
 
 def fuse_fds(pid: int) -> int:
-    fd_dir = f"/proc/{pid}/fd"
-    count = 0
-    for name in os.listdir(fd_dir):
-        try:
-            if os.readlink(f"{fd_dir}/{name}") == "/dev/fuse":
-                count += 1
-        except OSError:
-            pass
-    return count
+    return len(fd_numbers(pid, "/dev/fuse"))
 
 
 def thread_ids(pid: int) -> set[int]:

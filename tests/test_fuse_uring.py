@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import QsdFactory
-from tests.harness import fuse_mounts
+from tests.harness import fd_numbers, fuse_mounts
 from tests.test_fuse import (
     MiB,
     arun,
@@ -53,33 +53,13 @@ def uring_param() -> Iterator[Path]:
 
 
 def io_uring_fds(pid: int) -> int:
-    fd_dir = f"/proc/{pid}/fd"
-    count = 0
-    for name in os.listdir(fd_dir):
-        try:
-            if os.readlink(f"{fd_dir}/{name}") == "anon_inode:[io_uring]":
-                count += 1
-        except OSError:
-            pass
-    return count
+    return len(fd_numbers(pid, "anon_inode:[io_uring]"))
 
 
 def io_uring_mappings(pid: int) -> int:
     """Mappings of io_uring rings: each holds the ring's file open, fd closed or not."""
     with open(f"/proc/{pid}/maps") as maps:
         return sum("anon_inode:[io_uring]" in line for line in maps)
-
-
-def fd_numbers(pid: int, target: str) -> set[int]:
-    fd_dir = f"/proc/{pid}/fd"
-    found = set()
-    for name in os.listdir(fd_dir):
-        try:
-            if os.readlink(f"{fd_dir}/{name}") == target:
-                found.add(int(name))
-        except OSError:
-            pass
-    return found
 
 
 def iothread_args(n: int) -> list[str]:

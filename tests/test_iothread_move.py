@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import nbd
 import pytest
 
 from tests.conftest import QsdFactory
-from tests.harness import Qsd, fuse_mounts, wait_for_listener
+from tests.harness import Qsd, wait_for_listener, wait_for_mount
 from tests.tls_certs import make_credentials
 
 REQUESTS = 20000
@@ -130,10 +129,7 @@ def test_fuse_queue_follows_the_node(start_qsd: QsdFactory, fuse_dir: Path) -> N
                        "--blockdev", "null-co,node-name=n0,size=1048576,read-zeroes=on",
                        "--export", f"fuse,id=e0,node-name=n0,mountpoint={mountpoint},"
                                    "iothread=io0")
-    deadline = time.monotonic() + 20
-    while str(mountpoint) not in fuse_mounts():
-        assert time.monotonic() < deadline and daemon.proc.poll() is None
-        time.sleep(0.01)
+    wait_for_mount(mountpoint, daemon)
 
     def fuse_reads() -> None:
         fd = os.open(mountpoint, os.O_RDONLY)

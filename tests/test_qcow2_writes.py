@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Monitor, Qsd, fuse_mounts, wait_for_listener
+from tests.harness import Monitor, Qsd, fuse_mounts, wait_for_listener, wait_for_mount
 from tests.qcow2_images import RECIPES, Recipe, build, run
 
 pytestmark = pytest.mark.skipif(
@@ -46,14 +46,6 @@ def workdir() -> Iterator[Path]:
         if mount.startswith(f"{path}/"):
             subprocess.run(["umount", "-l", mount], check=False)
     shutil.rmtree(path, ignore_errors=True)
-
-
-def wait_for_mount(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while str(path) not in fuse_mounts():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-        assert time.monotonic() < deadline, f"{path} was not mounted"
-        time.sleep(0.01)
 
 
 def qmp(daemon: Qsd, command: str, **args: object) -> dict[str, object]:
@@ -126,7 +118,7 @@ def test_writes_keep_image_consistent(recipe: Recipe, workdir: Path) -> None:
         "--export", f"type=fuse,id=fuse0,node-name=disk,mountpoint={mountpoint},writable=on"])
     try:
         wait_for_listener(sock, daemon.proc)
-        wait_for_mount(mountpoint, daemon.proc)
+        wait_for_mount(mountpoint, daemon)
         fio = subprocess.run(
             ["fio", "--name=t", f"--filename={mountpoint}", "--direct=1", "--ioengine=libaio",
              "--iodepth=16", "--rw=randwrite", "--bsrange=512-128k", "--blockalign=512",

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import QsdFactory
-from tests.harness import Monitor, Qsd, fuse_mounts, wait_for_path
+from tests.harness import Monitor, Qsd, fuse_mounts, wait_for_mount, wait_for_path
 from tests.test_nbd_daemon import QemuIo
 
 MiB = 1 << 20
@@ -61,14 +61,6 @@ def fuse_export(node: str, mountpoint: Path, iothread: str = "io0") -> list[str]
     mountpoint.touch()
     return ["--export", f"fuse,id=e-{node},node-name={node},mountpoint={mountpoint},"
             f"writable=on,iothread={iothread}"]
-
-
-def wait_for_mount(mountpoint: Path, daemon: Qsd) -> None:
-    deadline = time.monotonic() + 20
-    while str(mountpoint) not in fuse_mounts():
-        assert daemon.proc.poll() is None, daemon.proc.returncode
-        assert time.monotonic() < deadline, "no mount"
-        time.sleep(0.02)
 
 
 def fio(*jobs: list[str], runtime: float = RUNTIME, extra: tuple[str, ...] = ()
