@@ -158,21 +158,44 @@ class ExportRegistry:
     async def close_all(self, type_name: str | None = None) -> None:
         """Deletes every export (of one type) and waits until all are gone.
 
-        11.1.3's order of events: exports that had clients first, oldest first (their
-        clients go away one after another), then the idle ones, newest first.
+        The order of the events is 11.1.3's: its loop asks the exports to shut down,
+        newest first; the deletions that leaves pending complete later, those of exports
+        whose clients had to go first (the last asked first), then the others in the
+        order asked.  A type deleted inside the command (vhost-user-blk) stops in a
+        nested event loop, which completes every deletion pending by then; its own
+        deletion is pending after that.
         """
         chosen = [exp for exp in self.exports
                   if (type_name is None or exp.type == type_name) and not exp.shutting_down]
-        busy = [exp for exp in reversed(chosen) if exp.in_use()]
-        for exp in busy:
+        busy: list[BlockExport] = []
+        pending: list[BlockExport] = []
+        stopped: set[str] = set()
+        for exp in chosen:
+            if type(exp).deleted_before_reply:
+                await self._complete(busy, pending, stopped)
+                try:
+                    await self._stop(exp)
+                finally:
+                    stopped.add(exp.id)
+                    pending.append(exp)
+            elif exp.in_use():
+                busy.append(exp)
+            else:
+                pending.append(exp)
+        await self._complete(busy, pending, stopped)
+        await wait_tasks(self._deletions)
+
+    async def _complete(self, busy: list[BlockExport], pending: list[BlockExport],
+                        stopped: set[str]) -> None:
+        """close_all's pending deletions, in 11.1.3's order; empties both lists."""
+        for exp in [*reversed(busy), *pending]:
             try:
-                await self._stop(exp)
+                if exp.id not in stopped:
+                    await self._stop(exp)
             finally:
                 await self._release(exp)
-        for exp in chosen:
-            if exp not in busy:
-                await self._shut_down(exp)
-        await wait_tasks(self._deletions)
+        busy.clear()
+        pending.clear()
 
     def query(self) -> list[dict[str, object]]:
         return [{"id": exp.id, "type": exp.type, "node-name": _served_node(exp),
