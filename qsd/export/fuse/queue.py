@@ -222,16 +222,28 @@ class FuseQueue:
         a poll that catches a request restores the full window, one that times out halves
         it, and with the window closed an occasional full-length probe checks again.
         """
-        if self._poll_ns:
-            if perf_counter_ns() - poll_start < min(self._poll_ns, self.ctx.poll_max_ns):
-                return True
-            self._poll_ns = self._poll_ns // 2 if self._poll_ns >= 2 * POLL_MIN_NS else 0
+        window = self.poll_window()
+        if not window:
             return False
+        if perf_counter_ns() - poll_start < window:
+            return True
+        self.poll_missed()
+        return False
+
+    def poll_window(self) -> int:
+        """How long (ns) to look for the next request before the loop sleeps; 0 when the
+        window is closed (which counts towards the next probe)."""
+        if self._poll_ns:
+            return min(self._poll_ns, self.ctx.poll_max_ns)
         self._unpolled_wakeups += 1
         if self._unpolled_wakeups >= POLL_PROBE_INTERVAL:
             self._unpolled_wakeups = 0
             self._poll_ns = self.ctx.poll_max_ns
-        return False
+        return 0
+
+    def poll_missed(self) -> None:
+        """A whole window passed without a request: halve it (close it below the minimum)."""
+        self._poll_ns = self._poll_ns // 2 if self._poll_ns >= 2 * POLL_MIN_NS else 0
 
     def poll_caught(self) -> None:
         """Polling caught the next request before the loop would have slept."""

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Final
 
 from qsd.errors import error_report
 from qsd.export.fuse import protocol as P
-from qsd.export.fuse.io_uring import CQE, CQE_SIZE, SQE_CMD_OFFSET, SQE_SIZE, Ring, uring_cmd_sqe
+from qsd.export.fuse.io_uring import (
+    IORING_SQ_TASKRUN,
+    SQE_CMD_OFFSET,
+    SQE_SIZE,
+    Ring,
+    uring_cmd_sqe,
+)
 from qsd.export.fuse.ops import MAX_WRITE_BYTES
 
 if TYPE_CHECKING:
@@ -56,13 +62,30 @@ ENTRIES_PER_QID: Final = 32
 
 # struct fuse_uring_cmd_req: flags, commit_id, qid
 _CMD_REQ: Final = struct.Struct("=QQH6x")
-_COMMIT_ID_AT: Final = SQE_CMD_OFFSET + 8
 _U32: Final = struct.Struct("=I")
 _U64: Final = struct.Struct("=Q")
 _IOVEC2: Final = struct.Struct("=QQQQ")
 OUT_HEADER_SIZE: Final = P.OUT_HEADER_SIZE
 _WRITE_OUT_SIZE: Final = P.WRITE_OUT.size
 _WRITE_REPLY_SIZE: Final = P.OUT_HEADER_SIZE + P.WRITE_OUT.size
+
+# The request loop reads and writes the buffers through u32 and u64 views.  Entry e's
+# header buffer starts at u32 index e * _H32 (u64 index e * _H64); in it: the in/out
+# header's len and opcode/error (u32 0 and 1: the reply's len and error are one
+# little-endian u64 store) and unique (u64 1, where the reply's unique goes as well),
+# READ/WRITE's offset (u64 17) and size (u32 36), and the entry's payload_sz (u32 68).
+# In an SQE (u64 stride 16): the command's commit_id.
+_H32: Final = HEADER_STRIDE // 4
+_H64: Final = HEADER_STRIDE // 8
+_OPCODE: Final = 1
+_UNIQUE: Final = 1
+_RW_OFFSET: Final = (HEADER_OP_IN + 8) // 8
+_RW_SIZE: Final = (HEADER_OP_IN + 16) // 4
+_PAYLOAD_SZ: Final = ENT_PAYLOAD_SZ // 4
+_SQE64: Final = SQE_SIZE // 8
+# Not an opcode: see _entry_failed.
+_REARMED: Final = 0xFFFFFFFF
+_COMMIT_ID: Final = (SQE_CMD_OFFSET + 8) // 8
 
 
 def possible_cpus() -> int:
@@ -80,22 +103,27 @@ def possible_cpus() -> int:
 
 
 class FuseRing:
-    """One queue's io_uring and the ring entries it registered for the CPU queues ``qids``."""
+    """One queue's io_uring and the ring entries it registered for the CPU queues ``qids``.
+
+    SQE slot ``e`` holds entry e's ``COMMIT_AND_FETCH`` command and slot ``n + e`` its
+    ``REGISTER`` command, written once: answering a request queues its slot and patches
+    the commit id (the request's unique) into it.
+    """
 
     def __init__(self, queue: FuseQueue, qids: list[int], *, single_issuer: bool,
                  shares_gil: bool) -> None:
         self.queue = queue
         self.qids = qids
-        # With sibling queues in other threads, io_uring_enter (the kernel's share of a
-        # whole batch) runs without the GIL so that they can serve meanwhile; alone, the
-        # hand-off would only cost.
-        self._release_gil = shares_gil
         n = len(qids) * ENTRIES_PER_QID
         self.entries = n
         # A queue whose thread never changes lets the kernel defer the ring's task work
         # to our own io_uring_enter calls (no interrupt per request); one that follows
-        # its node between threads must let any thread submit.
-        self.ring = Ring(1 << (n - 1).bit_length(), single_issuer=single_issuer)
+        # its node between threads must let any thread submit.  With sibling queues in
+        # other threads, io_uring_enter (the kernel's share of a whole batch) runs
+        # without the GIL so that they can serve meanwhile; alone, the hand-off would
+        # only cost.
+        self.ring = Ring(1 << (2 * n - 1).bit_length(), single_issuer=single_issuer,
+                         release_gil=shares_gil)
         # All buffers in one anonymous mapping: header buffers, payload buffers, and
         # the two iovecs per entry that tell the kernel where they are.
         self._payload_base = n * HEADER_STRIDE
@@ -105,23 +133,20 @@ class FuseRing:
         self._anchor = ctypes.c_char.from_buffer(self._mem)
         base = ctypes.addressof(self._anchor)
         self.view = memoryview(self._mem)
+        self._mem32 = self.view.cast("I")
+        self._mem64 = self.view.cast("Q")
         fd = queue.fd
-        self._register: list[bytes] = []
-        self._commit: list[bytes] = []
         for e in range(n):
             iov = iov_base + e * _IOVEC2.size
             _IOVEC2.pack_into(self._mem, iov, base + e * HEADER_STRIDE, HEADER_SIZE,
                               base + self._payload_base + e * PAYLOAD_SIZE, PAYLOAD_SIZE)
-            qid = qids[e // ENTRIES_PER_QID]
-            self._register.append(uring_cmd_sqe(fd, FUSE_IO_URING_CMD_REGISTER, base + iov,
-                                                2, e, _CMD_REQ.pack(0, 0, qid)))
-            self._commit.append(uring_cmd_sqe(fd, FUSE_IO_URING_CMD_COMMIT_AND_FETCH,
-                                              base + iov, 2, e, _CMD_REQ.pack(0, 0, qid)))
+            req = _CMD_REQ.pack(0, 0, qids[e // ENTRIES_PER_QID])
+            self.ring.put(e, uring_cmd_sqe(fd, FUSE_IO_URING_CMD_COMMIT_AND_FETCH,
+                                           base + iov, 2, e, req))
+            self.ring.put(n + e, uring_cmd_sqe(fd, FUSE_IO_URING_CMD_REGISTER, base + iov,
+                                               2, e, req))
         # Entries the kernel still holds or that hold a request; failed ones drop out.
         self.live = 0
-        # Entries registered again after the kernel gave them back without a request
-        # (until their next request): a second failure in a row drops them for good.
-        self._rearmed = [False] * n
         self.attached = False
         # The ring defers its task work to our io_uring_enter calls (no interrupts while
         # we run), so its fd does not wake a sleeping loop: this eventfd does.
@@ -135,9 +160,9 @@ class FuseRing:
         ring = self.ring
         ring.enable()
         ring.register_eventfd(self._wake_fd)
-        for sqe in self._register:
-            ring.push(sqe)
-        ring.submit(release_gil=True)
+        for e in range(self.entries):
+            ring.queue(self.entries + e)
+        ring.submit()
         self.live = self.entries
 
     def attach(self) -> None:
@@ -162,6 +187,8 @@ class FuseRing:
         self.detach()
         self.ring.close()
         os.close(self._wake_fd)
+        self._mem32.release()
+        self._mem64.release()
         self.view.release()
         del self._anchor
         self._mem.close()
@@ -176,46 +203,60 @@ class FuseRing:
         self._on_ready()
 
     def _on_ready(self) -> None:
-        """Serves completions until the ring runs dry (and the poll window closes).
+        """Serves the ring until it runs dry (and the poll window closes).
 
-        READ and WRITE that the block layer finishes at once are answered inline with
-        everything in locals, queueing the commit SQE without a method call: this loop
-        is the whole per-request cost in Python.  The rest goes through ``_serve``.
+        While it serves, the eventfd stays silent: the loop enters the kernel anyway.
+        When the ring runs dry the loop polls for up to the poll window (the adaptive
+        window of queue.py), then arms the eventfd again and returns to the event loop
+        unless work came meanwhile.
         """
         if not self.attached:
             # A look scheduled by attach() that a detach overtook.
             return
+        ring = self.ring
+        ring.silence_eventfd()
+        try:
+            self._serve_batches()
+        finally:
+            ring.arm_eventfd()
+
+    def _serve_batches(self) -> None:
+        """The loop of _on_ready: one io_uring_enter per batch commits the answers of
+        the last batch and runs the task work that copies newly arrived requests into
+        their entries.  READ and WRITE that the block layer finishes at once are
+        answered inline with everything in locals, through the u32/u64 views: this
+        loop is the whole per-request cost in Python.  The rest goes through
+        ``_serve``."""
         queue = self.queue
         ring = self.ring
         mem = self.view
-        sqes = ring.sqes
-        cq = ring.cq_ring
+        mem32 = self._mem32
+        mem64 = self._mem64
+        sqe64 = ring.sqe64
+        sq32 = ring.sq32
+        sq_array_i = ring.sq_array_i
+        sq_mask = ring.sq_mask
         cq32 = ring.cq32
         cq_head_i = ring.cq_head_i
         cq_tail_i = ring.cq_tail_i
         cq_mask = ring.cq_mask
-        cqes_at = ring.cqes_offset
-        sq_mask = ring.sq_mask
-        commit = self._commit
-        rearmed = self._rearmed
+        cqe64 = ring.cqe64
+        cqe_s32 = ring.cqe_s32
+        submit = ring.submit
+        sq_flags_i = ring.sq_flags_i
+        release_gil = ring.release_gil
         file = queue.file
         blk = file.blk
+        length = blk.length
+        read_nowait = blk.read_nowait
+        write_nowait = blk.write_nowait
         payload_base = self._payload_base
-        unpack_cqe = CQE.unpack_from
-        unpack_head = P.IN_HEADER_HEAD.unpack_from
-        unpack_rw = P.RW_OFFSET_SIZE.unpack_from
-        pack_out = P.OUT_HEADER.pack_into
-        pack_write_out = P.WRITE_OUT.pack_into
-        pack_u32 = _U32.pack_into
-        pack_u64 = _U64.pack_into
         READ = P.READ
         WRITE = P.WRITE
-        release_gil = self._release_gil
-        poll_start = 0
+        TASKRUN = IORING_SQ_TASKRUN
+        polled = False
+        submit()
         while True:
-            # One system call commits the answers of the last batch and runs the task
-            # work that copies newly arrived requests into their entries.
-            ring.submit(release_gil=release_gil)
             if queue.paused:
                 # Paused (drain, deletion): every answer is out, new requests stay in
                 # the completion ring until the queue resumes.
@@ -223,66 +264,93 @@ class FuseRing:
             head = cq32[cq_head_i]
             tail = cq32[cq_tail_i]
             if head == tail:
-                if not poll_start:
-                    poll_start = perf_counter_ns()
-                if queue.keep_polling(poll_start):
+                if not polled and (window := queue.poll_window()):
+                    polled = True
+                    if release_gil:
+                        # Sibling queues want the GIL: sleep in the kernel until the
+                        # next request (it wakes us) or the window closes.
+                        ring.wait(window)
+                    else:
+                        # Alone: spin on the shared memory, where deferred task work
+                        # shows in the SQ flags, and enter the kernel only once
+                        # something came (the wake-up of a sleeping thread costs tens
+                        # of µs on a VM).
+                        deadline = perf_counter_ns() + window
+                        while perf_counter_ns() < deadline:
+                            if cq32[cq_tail_i] != tail or sq32[sq_flags_i] & TASKRUN:
+                                submit()
+                                break
                     continue
-                return
-            if poll_start:
+                if polled:
+                    queue.poll_missed()
+                    polled = False
+                if not ring.arm_eventfd():
+                    return
+                # Work came before the eventfd was armed: it will not be signalled.
+                ring.silence_eventfd()
+                submit()
+                continue
+            if polled:
                 queue.poll_caught()
-                poll_start = 0
+                polled = False
             sq_tail = ring.sq_tail
             for index in range(head, tail if tail >= head else tail + 0x100000000):
-                e, res = unpack_cqe(cq, cqes_at + (index & cq_mask) * CQE_SIZE)
-                if res >= 0:
-                    rearmed[e] = False
-                    h = e * HEADER_STRIDE
-                    _length, opcode, unique = unpack_head(mem, h)
+                i = index & cq_mask
+                e = cqe64[i + i]
+                if cqe_s32[4 * i + 2] >= 0:
+                    h32 = e * _H32
+                    h64 = e * _H64
+                    opcode = mem32[h32 + _OPCODE]
                     # The inline paths raise what the driver raised (ENOSPC from a full
                     # file system, EIO): the kernel must get it as the answer.
                     try:
                         if opcode == READ:
-                            offset, size = unpack_rw(mem, h + HEADER_OP_IN)
-                            if size <= PAYLOAD_SIZE and offset + size <= blk.length():
-                                data = blk.read_nowait(offset, size)
+                            offset = mem64[h64 + _RW_OFFSET]
+                            size = mem32[h32 + _RW_SIZE]
+                            if size <= PAYLOAD_SIZE and offset + size <= length():
+                                data = read_nowait(offset, size)
                                 if data is not None:
                                     p = payload_base + e * PAYLOAD_SIZE
                                     size = len(data)
                                     mem[p:p + size] = data
-                                    pack_out(mem, h, OUT_HEADER_SIZE + size, 0, unique)
-                                    pack_u32(mem, h + ENT_PAYLOAD_SZ, size)
-                                    at = (sq_tail & sq_mask) * SQE_SIZE
-                                    sqes[at:at + SQE_SIZE] = commit[e]
-                                    pack_u64(sqes, at + _COMMIT_ID_AT, unique)
+                                    # len and error (0) in one store; the unique
+                                    # is where the request had it.
+                                    mem64[h64] = OUT_HEADER_SIZE + size
+                                    mem32[h32 + _PAYLOAD_SZ] = size
+                                    sqe64[e * _SQE64 + _COMMIT_ID] = mem64[h64 + _UNIQUE]
+                                    sq32[sq_array_i + (sq_tail & sq_mask)] = e
                                     sq_tail = (sq_tail + 1) & 0xFFFFFFFF
                                     continue
                         elif opcode == WRITE and file.writable:
-                            offset, size = unpack_rw(mem, h + HEADER_OP_IN)
+                            offset = mem64[h64 + _RW_OFFSET]
+                            size = mem32[h32 + _RW_SIZE]
                             p = payload_base + e * PAYLOAD_SIZE
-                            if (size <= MAX_WRITE_BYTES and offset + size <= blk.length()
-                                    and blk.write_nowait(offset, mem[p:p + size])):
-                                pack_write_out(mem, p, size, 0)
-                                pack_out(mem, h, _WRITE_REPLY_SIZE, 0, unique)
-                                pack_u32(mem, h + ENT_PAYLOAD_SZ, _WRITE_OUT_SIZE)
-                                at = (sq_tail & sq_mask) * SQE_SIZE
-                                sqes[at:at + SQE_SIZE] = commit[e]
-                                pack_u64(sqes, at + _COMMIT_ID_AT, unique)
+                            if (size <= MAX_WRITE_BYTES and offset + size <= length()
+                                    and write_nowait(offset, mem[p:p + size])):
+                                # fuse_write_out in the payload (size, padding 0)
+                                # and the out header's len and error.
+                                mem64[p >> 3] = size
+                                mem64[h64] = _WRITE_REPLY_SIZE
+                                mem32[h32 + _PAYLOAD_SZ] = _WRITE_OUT_SIZE
+                                sqe64[e * _SQE64 + _COMMIT_ID] = mem64[h64 + _UNIQUE]
+                                sq32[sq_array_i + (sq_tail & sq_mask)] = e
                                 sq_tail = (sq_tail + 1) & 0xFFFFFFFF
                                 continue
                     except OSError as err:
                         ring.sq_tail = sq_tail
-                        self._commit_error(e, unique, err.errno or errno.EIO)
+                        self._commit_error(e, mem64[h64 + _UNIQUE], err.errno or errno.EIO)
                         sq_tail = ring.sq_tail
                         continue
-                # Anything else may queue SQEs of its own through the ring.
-                ring.sq_tail = sq_tail
-                if res < 0:
-                    self._entry_failed(e, -res)
-                else:
+                    # Anything else may queue SQEs of its own through the ring.
+                    ring.sq_tail = sq_tail
                     self._serve(e)
+                else:
+                    ring.sq_tail = sq_tail
+                    self._entry_failed(e, -cqe_s32[4 * i + 2])
                 sq_tail = ring.sq_tail
             ring.sq_tail = sq_tail
             cq32[cq_head_i] = tail
+            submit()
 
     def _serve(self, e: int) -> None:
         """A request in entry ``e`` that the inline fast path did not answer: READ and
@@ -331,7 +399,8 @@ class FuseRing:
 
     def _push_commit(self, e: int, unique: int) -> None:
         ring = self.ring
-        _U64.pack_into(ring.sqes, ring.push(self._commit[e]) + _COMMIT_ID_AT, unique)
+        ring.sqe64[e * _SQE64 + _COMMIT_ID] = unique
+        ring.queue(e)
 
     def _replier(self, e: int, unique: int) -> Callable[[bytes | None, int], None]:
         """The answer of a request that did not finish in the batch that took it: commit
@@ -344,7 +413,7 @@ class FuseRing:
                 self.view[p:p + len(payload)] = payload
                 self._commit_reply(e, e * HEADER_STRIDE, unique, len(payload))
             try:
-                self.ring.submit(release_gil=self._release_gil)
+                self.ring.submit()
             except OSError as err:
                 error_report(f"Failed to commit FUSE replies to the ring: {err.strerror}")
         return reply
@@ -355,9 +424,13 @@ class FuseRing:
         thread), or the kernel refused the entry.  Registering it again from this thread
         keeps the kernel's queue supplied; where the connection is gone that fails, too,
         and the entry is dropped."""
-        if not self._rearmed[e] and not self.queue.stopped:
-            self._rearmed[e] = True
-            self.ring.push(self._register[e])
+        # An entry registered again is marked in its header buffer, where the opcode of
+        # its next request (and then our answer's error) overwrites the mark: a second
+        # failure in a row finds it and drops the entry for good.
+        at = e * _H32 + _OPCODE
+        if self._mem32[at] != _REARMED and not self.queue.stopped:
+            self._mem32[at] = _REARMED
+            self.ring.queue(self.entries + e)
             return
         self.live -= 1
         if code not in (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV):
