@@ -450,9 +450,19 @@ class BlockGraph:
         external_snapshot_action and its commit, checks and texts in its order): the node
         becomes the overlay's backing child, every user of the node uses the overlay
         instead, and the node is reopened read-only."""
+        old, _, section = await self.snapshot_prepare(node_name, overlay_name)
+        drain.drained_end(section)
+        await self.snapshot_commit(old)
+
+    async def snapshot_prepare(self, node_name: str, overlay_name: str
+                               ) -> tuple[BlockNode, BlockNode, drain.Section]:
+        """blockdev-snapshot up to the overlay being in place; (node, overlay, the
+        drained section over the node, which the caller ends).  A transaction then
+        finishes it with snapshot_commit or undoes it with snapshot_abort."""
         async with self.changing:
             old = self._lookup(node_name)
-            async with drain.drained(self.lock, [old]):
+            section = await drain.drained_begin(self.lock, [old])
+            try:
                 check_op_blocker(old)
                 if not old.read_only:
                     with self.temporary_user(old, 0) as child:
@@ -476,7 +486,25 @@ class BlockGraph:
                     await self._move(new, old.ctx)
                 with self.lock.write():
                     self._append(new, old)
+            except BaseException:
+                drain.drained_end(section)
+                raise
+            return old, new, section
+
+    async def snapshot_commit(self, old: BlockNode) -> None:
+        """The snapshotted node becomes read-only (QEMU's external_snapshot_commit)."""
+        async with self.changing:
             await self._reopen_read_only(old)
+
+    async def snapshot_abort(self, old: BlockNode, new: BlockNode) -> None:
+        """QEMU's external_snapshot_abort(): the overlay lets go of the node and its
+        users go back to it."""
+        async with self.changing:
+            with self.lock.write():
+                backing = new.backing
+                if backing is not None:
+                    self.detach_child(backing)
+                self.replace_node(new, old)
 
     def _lookup(self, name: str) -> BlockNode:
         """QEMU's bdrv_lookup_bs(name, name): a daemon has no devices, only nodes."""

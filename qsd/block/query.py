@@ -86,6 +86,8 @@ def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, object]:
                   "no-flush": node.opts.cache_no_flush},
         "write_threshold": 0,
     })
+    if node.dirty_bitmaps:
+        info["dirty-bitmaps"] = [bitmap.info() for bitmap in node.dirty_bitmaps]
     return info
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from qsd.aio import main_context
-from qsd.block import query
+from qsd.block import drain, query
 from qsd.block.graph import users
 from qsd.commands.registry import command
+from qsd.commands.transaction import Steps, action
 from qsd.errors import QMPError
 from qsd.job.block_job import block_jobs, find_block_job
 from qsd.job.create import blockdev_create as start_blockdev_create
@@ -16,6 +18,7 @@ from qsd.qapi.generated import (
     BlockdevCreateArgs,
     BlockdevDelArgs,
     BlockdevOptions,
+    BlockdevSnapshot,
     BlockdevSnapshotArgs,
     BlockJobCancelArgs,
     BlockJobCompleteArgs,
@@ -65,6 +68,16 @@ async def blockdev_backup(daemon: Daemon, args: BlockdevBackup) -> None:
         await job.start()
     finally:
         await end_prepared(job, section)
+
+
+@action("blockdev-snapshot")
+async def blockdev_snapshot_action(daemon: Daemon, args: BlockdevSnapshot,
+                                   steps: Steps) -> None:
+    graph = daemon.graph
+    old, new, section = await graph.snapshot_prepare(args.node, args.overlay)
+    steps.add(commit=functools.partial(graph.snapshot_commit, old),
+              abort=functools.partial(graph.snapshot_abort, old, new),
+              clean=functools.partial(drain.drained_end, section))
 
 
 @command("query-named-block-nodes")

@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "block_core",
     "block_export",
     "nbd",
+    "transaction",
+    "dirty_bitmap",
 )
 
 

@@ -383,6 +383,26 @@ class ChardevBackendKind(enum.StrEnum):
     stdio = 'stdio'
 
 
+class ActionCompletionMode(enum.StrEnum):
+    """QAPI enum ActionCompletionMode."""
+
+    individual = 'individual'
+    grouped = 'grouped'
+
+
+class TransactionActionKind(enum.StrEnum):
+    """QAPI enum TransactionActionKind."""
+
+    abort = 'abort'
+    block_dirty_bitmap_add = 'block-dirty-bitmap-add'
+    block_dirty_bitmap_remove = 'block-dirty-bitmap-remove'
+    block_dirty_bitmap_clear = 'block-dirty-bitmap-clear'
+    block_dirty_bitmap_enable = 'block-dirty-bitmap-enable'
+    block_dirty_bitmap_disable = 'block-dirty-bitmap-disable'
+    block_dirty_bitmap_merge = 'block-dirty-bitmap-merge'
+    blockdev_snapshot = 'blockdev-snapshot'
+
+
 class QMPCapability(enum.StrEnum):
     """QAPI enum QMPCapability."""
 
@@ -531,6 +551,60 @@ class BlockDirtyBitmap(_base.QAPIModel):
     __qapi_members__ = (
         _base.MemberSpec('node', 'node', 'str', False),
         _base.MemberSpec('name', 'name', 'str', False),
+    )
+
+
+class BlockDirtyBitmapAdd(_base.QAPIModel):
+    """QAPI struct BlockDirtyBitmapAdd."""
+
+    node: builtins.str
+    name: builtins.str
+    granularity: builtins.int | None = None
+    persistent: builtins.bool | None = None
+    disabled: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('node', 'node', 'str', False),
+        _base.MemberSpec('name', 'name', 'str', False),
+        _base.MemberSpec('granularity', 'granularity', 'uint32', True),
+        _base.MemberSpec('persistent', 'persistent', 'bool', True),
+        _base.MemberSpec('disabled', 'disabled', 'bool', True),
+    )
+
+
+class BlockDirtyBitmapMerge(_base.QAPIModel):
+    """QAPI struct BlockDirtyBitmapMerge."""
+
+    node: builtins.str
+    target: builtins.str
+    bitmaps: list[BlockDirtyBitmapOrStr]
+
+    __qapi_members__ = (
+        _base.MemberSpec('node', 'node', 'str', False),
+        _base.MemberSpec('target', 'target', 'str', False),
+        _base.MemberSpec('bitmaps', 'bitmaps', '[BlockDirtyBitmapOrStr]', False),
+    )
+
+
+class BlockDirtyInfo(_base.QAPIModel):
+    """QAPI struct BlockDirtyInfo."""
+
+    name: builtins.str | None = None
+    count: builtins.int
+    granularity: builtins.int
+    recording: builtins.bool
+    busy: builtins.bool
+    persistent: builtins.bool
+    inconsistent: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('name', 'name', 'str', True),
+        _base.MemberSpec('count', 'count', 'int', False),
+        _base.MemberSpec('granularity', 'granularity', 'uint32', False),
+        _base.MemberSpec('recording', 'recording', 'bool', False),
+        _base.MemberSpec('busy', 'busy', 'bool', False),
+        _base.MemberSpec('persistent', 'persistent', 'bool', False),
+        _base.MemberSpec('inconsistent', 'inconsistent', 'bool', True),
     )
 
 
@@ -915,28 +989,6 @@ class BlockDeviceInfo(_base.QAPIModel):
         _base.MemberSpec('cache', 'cache', 'BlockdevCacheInfo', False),
         _base.MemberSpec('write_threshold', 'write_threshold', 'int', False),
         _base.MemberSpec('dirty-bitmaps', 'dirty_bitmaps', '[BlockDirtyInfo]', True),
-    )
-
-
-class BlockDirtyInfo(_base.QAPIModel):
-    """QAPI struct BlockDirtyInfo."""
-
-    name: builtins.str | None = None
-    count: builtins.int
-    granularity: builtins.int
-    recording: builtins.bool
-    busy: builtins.bool
-    persistent: builtins.bool
-    inconsistent: builtins.bool | None = None
-
-    __qapi_members__ = (
-        _base.MemberSpec('name', 'name', 'str', True),
-        _base.MemberSpec('count', 'count', 'int', False),
-        _base.MemberSpec('granularity', 'granularity', 'uint32', False),
-        _base.MemberSpec('recording', 'recording', 'bool', False),
-        _base.MemberSpec('busy', 'busy', 'bool', False),
-        _base.MemberSpec('persistent', 'persistent', 'bool', False),
-        _base.MemberSpec('inconsistent', 'inconsistent', 'bool', True),
     )
 
 
@@ -3624,6 +3676,191 @@ class ChardevRemoveArgs(_base.QAPIModel):
     )
 
 
+class Abort(_base.QAPIModel):
+    """QAPI struct Abort."""
+
+    __qapi_members__ = ()
+
+
+class AbortWrapper(_base.QAPIModel):
+    """QAPI struct AbortWrapper."""
+
+    data: Abort
+
+    __qapi_members__ = (
+        _base.MemberSpec('data', 'data', 'Abort', False),
+    )
+
+
+class BlockDirtyBitmapAddWrapper(_base.QAPIModel):
+    """QAPI struct BlockDirtyBitmapAddWrapper."""
+
+    data: BlockDirtyBitmapAdd
+
+    __qapi_members__ = (
+        _base.MemberSpec('data', 'data', 'BlockDirtyBitmapAdd', False),
+    )
+
+
+class BlockDirtyBitmapWrapper(_base.QAPIModel):
+    """QAPI struct BlockDirtyBitmapWrapper."""
+
+    data: BlockDirtyBitmap
+
+    __qapi_members__ = (
+        _base.MemberSpec('data', 'data', 'BlockDirtyBitmap', False),
+    )
+
+
+class BlockDirtyBitmapMergeWrapper(_base.QAPIModel):
+    """QAPI struct BlockDirtyBitmapMergeWrapper."""
+
+    data: BlockDirtyBitmapMerge
+
+    __qapi_members__ = (
+        _base.MemberSpec('data', 'data', 'BlockDirtyBitmapMerge', False),
+    )
+
+
+class BlockdevSnapshotWrapper(_base.QAPIModel):
+    """QAPI struct BlockdevSnapshotWrapper."""
+
+    data: BlockdevSnapshot
+
+    __qapi_members__ = (
+        _base.MemberSpec('data', 'data', 'BlockdevSnapshot', False),
+    )
+
+
+class TransactionAction(_base.QAPIModel):
+    """QAPI union TransactionAction: a value is one of its Variant classes."""
+
+    type: TransactionActionKind
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
+    )
+    __qapi_tag__ = 'type'
+
+
+class TransactionActionVariantAbort(TransactionAction, AbortWrapper):
+    """TransactionAction with type 'abort'."""
+
+    type: TransactionActionKind
+    data: Abort
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
+        _base.MemberSpec('data', 'data', 'Abort', False),
+    )
+
+
+class TransactionActionVariantBlockDirtyBitmapAdd(TransactionAction, BlockDirtyBitmapAddWrapper):
+    """TransactionAction with type 'block-dirty-bitmap-add'."""
+
+    type: TransactionActionKind
+    data: BlockDirtyBitmapAdd
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
+        _base.MemberSpec('data', 'data', 'BlockDirtyBitmapAdd', False),
+    )
+
+
+class TransactionActionVariantBlockDirtyBitmapRemove(TransactionAction, BlockDirtyBitmapWrapper):
+    """TransactionAction with type 'block-dirty-bitmap-remove'."""
+
+    type: TransactionActionKind
+    data: BlockDirtyBitmap
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
+        _base.MemberSpec('data', 'data', 'BlockDirtyBitmap', False),
+    )
+
+
+class TransactionActionVariantBlockDirtyBitmapClear(TransactionAction, BlockDirtyBitmapWrapper):
+    """TransactionAction with type 'block-dirty-bitmap-clear'."""
+
+    type: TransactionActionKind
+    data: BlockDirtyBitmap
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
+        _base.MemberSpec('data', 'data', 'BlockDirtyBitmap', False),
+    )
+
+
+class TransactionActionVariantBlockDirtyBitmapEnable(TransactionAction, BlockDirtyBitmapWrapper):
+    """TransactionAction with type 'block-dirty-bitmap-enable'."""
+
+    type: TransactionActionKind
+    data: BlockDirtyBitmap
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
+        _base.MemberSpec('data', 'data', 'BlockDirtyBitmap', False),
+    )
+
+
+class TransactionActionVariantBlockDirtyBitmapDisable(TransactionAction, BlockDirtyBitmapWrapper):
+    """TransactionAction with type 'block-dirty-bitmap-disable'."""
+
+    type: TransactionActionKind
+    data: BlockDirtyBitmap
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
+        _base.MemberSpec('data', 'data', 'BlockDirtyBitmap', False),
+    )
+
+
+class TransactionActionVariantBlockDirtyBitmapMerge(TransactionAction, BlockDirtyBitmapMergeWrapper):
+    """TransactionAction with type 'block-dirty-bitmap-merge'."""
+
+    type: TransactionActionKind
+    data: BlockDirtyBitmapMerge
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
+        _base.MemberSpec('data', 'data', 'BlockDirtyBitmapMerge', False),
+    )
+
+
+class TransactionActionVariantBlockdevSnapshot(TransactionAction, BlockdevSnapshotWrapper):
+    """TransactionAction with type 'blockdev-snapshot'."""
+
+    type: TransactionActionKind
+    data: BlockdevSnapshot
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
+        _base.MemberSpec('data', 'data', 'BlockdevSnapshot', False),
+    )
+
+
+class TransactionProperties(_base.QAPIModel):
+    """QAPI struct TransactionProperties."""
+
+    completion_mode: ActionCompletionMode | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('completion-mode', 'completion_mode', 'ActionCompletionMode', True),
+    )
+
+
+class TransactionArgs(_base.QAPIModel):
+    """QAPI arguments of TransactionArgs."""
+
+    actions: list[TransactionAction]
+    properties: TransactionProperties | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('actions', 'actions', '[TransactionAction]', False),
+        _base.MemberSpec('properties', 'properties', 'TransactionProperties', True),
+    )
+
+
 class QmpCapabilitiesArgs(_base.QAPIModel):
     """QAPI arguments of QmpCapabilitiesArgs."""
 
@@ -4474,6 +4711,30 @@ class QomListPropertiesArgs(_base.QAPIModel):
     )
 
 
+class BlockDirtyBitmapAddArgs(BlockDirtyBitmapAdd):
+    """Arguments of the command: a BlockDirtyBitmapAdd."""
+
+
+class BlockDirtyBitmapRemoveArgs(BlockDirtyBitmap):
+    """Arguments of the command: a BlockDirtyBitmap."""
+
+
+class BlockDirtyBitmapClearArgs(BlockDirtyBitmap):
+    """Arguments of the command: a BlockDirtyBitmap."""
+
+
+class BlockDirtyBitmapEnableArgs(BlockDirtyBitmap):
+    """Arguments of the command: a BlockDirtyBitmap."""
+
+
+class BlockDirtyBitmapDisableArgs(BlockDirtyBitmap):
+    """Arguments of the command: a BlockDirtyBitmap."""
+
+
+class BlockDirtyBitmapMergeArgs(BlockDirtyBitmapMerge):
+    """Arguments of the command: a BlockDirtyBitmapMerge."""
+
+
 class BlockdevSnapshotArgs(BlockdevSnapshot):
     """Arguments of the command: a BlockdevSnapshot."""
 
@@ -4504,6 +4765,7 @@ SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet,
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'vhost-user-blk': BlockExportOptionsVariantVhostUserBlk, 'fuse': BlockExportOptionsVariantFuse}
 ChardevBackend.__qapi_variants__ = {'file': ChardevBackendVariantFile, 'socket': ChardevBackendVariantSocket, 'null': ChardevBackendVariantNull, 'stdio': ChardevBackendVariantStdio}
+TransactionAction.__qapi_variants__ = {'abort': TransactionActionVariantAbort, 'block-dirty-bitmap-add': TransactionActionVariantBlockDirtyBitmapAdd, 'block-dirty-bitmap-remove': TransactionActionVariantBlockDirtyBitmapRemove, 'block-dirty-bitmap-clear': TransactionActionVariantBlockDirtyBitmapClear, 'block-dirty-bitmap-enable': TransactionActionVariantBlockDirtyBitmapEnable, 'block-dirty-bitmap-disable': TransactionActionVariantBlockDirtyBitmapDisable, 'block-dirty-bitmap-merge': TransactionActionVariantBlockDirtyBitmapMerge, 'blockdev-snapshot': TransactionActionVariantBlockdevSnapshot}
 SchemaInfo.__qapi_variants__ = {'builtin': SchemaInfoVariantBuiltin, 'enum': SchemaInfoVariantEnum, 'array': SchemaInfoVariantArray, 'object': SchemaInfoVariantObject, 'alternate': SchemaInfoVariantAlternate, 'command': SchemaInfoVariantCommand, 'event': SchemaInfoVariantEvent}
 ObjectOptions.__qapi_variants__ = {'authz-list': ObjectOptionsVariantAuthzList, 'authz-listfile': ObjectOptionsVariantAuthzListfile, 'authz-simple': ObjectOptionsVariantAuthzSimple, 'iothread': ObjectOptionsVariantIothread, 'main-loop': ObjectOptionsVariantMainLoop, 'secret': ObjectOptionsVariantSecret, 'throttle-group': ObjectOptionsVariantThrottleGroup, 'tls-creds-psk': ObjectOptionsVariantTlsCredsPsk, 'tls-creds-x509': ObjectOptionsVariantTlsCredsX509}
 
@@ -4517,6 +4779,9 @@ TYPES: dict[str, type] = {
     'AuthZListFileProperties': AuthZListFileProperties,
     'AuthZSimpleProperties': AuthZSimpleProperties,
     'BlockDirtyBitmap': BlockDirtyBitmap,
+    'BlockDirtyBitmapAdd': BlockDirtyBitmapAdd,
+    'BlockDirtyBitmapMerge': BlockDirtyBitmapMerge,
+    'BlockDirtyInfo': BlockDirtyInfo,
     'ImageInfoSpecificFile': ImageInfoSpecificFile,
     'RbdImageEncryptionFormat': RbdImageEncryptionFormat,
     'ImageInfoSpecificRbd': ImageInfoSpecificRbd,
@@ -4539,7 +4804,6 @@ TYPES: dict[str, type] = {
     'BlockdevCacheInfo': BlockdevCacheInfo,
     'BlockdevChild': BlockdevChild,
     'BlockDeviceInfo': BlockDeviceInfo,
-    'BlockDirtyInfo': BlockDirtyInfo,
     'BlockDeviceIoStatus': BlockDeviceIoStatus,
     'BlockInfo': BlockInfo,
     'QueryBlockArgs': QueryBlockArgs,
@@ -4683,6 +4947,17 @@ TYPES: dict[str, type] = {
     'ChardevReturn': ChardevReturn,
     'ChardevAddArgs': ChardevAddArgs,
     'ChardevRemoveArgs': ChardevRemoveArgs,
+    'Abort': Abort,
+    'ActionCompletionMode': ActionCompletionMode,
+    'TransactionActionKind': TransactionActionKind,
+    'AbortWrapper': AbortWrapper,
+    'BlockDirtyBitmapAddWrapper': BlockDirtyBitmapAddWrapper,
+    'BlockDirtyBitmapWrapper': BlockDirtyBitmapWrapper,
+    'BlockDirtyBitmapMergeWrapper': BlockDirtyBitmapMergeWrapper,
+    'BlockdevSnapshotWrapper': BlockdevSnapshotWrapper,
+    'TransactionAction': TransactionAction,
+    'TransactionProperties': TransactionProperties,
+    'TransactionArgs': TransactionArgs,
     'QmpCapabilitiesArgs': QmpCapabilitiesArgs,
     'QMPCapability': QMPCapability,
     'VersionTriple': VersionTriple,
@@ -4730,6 +5005,12 @@ TYPES: dict[str, type] = {
     'ObjectTypeInfo': ObjectTypeInfo,
     'QomListTypesArgs': QomListTypesArgs,
     'QomListPropertiesArgs': QomListPropertiesArgs,
+    'BlockDirtyBitmapAddArgs': BlockDirtyBitmapAddArgs,
+    'BlockDirtyBitmapRemoveArgs': BlockDirtyBitmapRemoveArgs,
+    'BlockDirtyBitmapClearArgs': BlockDirtyBitmapClearArgs,
+    'BlockDirtyBitmapEnableArgs': BlockDirtyBitmapEnableArgs,
+    'BlockDirtyBitmapDisableArgs': BlockDirtyBitmapDisableArgs,
+    'BlockDirtyBitmapMergeArgs': BlockDirtyBitmapMergeArgs,
     'BlockdevSnapshotArgs': BlockdevSnapshotArgs,
     'NbdServerStartArgs': NbdServerStartArgs,
 }
@@ -4756,6 +5037,12 @@ COMMANDS: dict[str, _base.CommandInfo] = {
     'query-block': _base.CommandInfo('query-block', 'QueryBlockArgs', False, False, '[BlockInfo]', ()),
     'query-named-block-nodes': _base.CommandInfo('query-named-block-nodes', 'QueryNamedBlockNodesArgs', False, False, '[BlockDeviceInfo]', ()),
     'x-debug-query-block-graph': _base.CommandInfo('x-debug-query-block-graph', None, False, False, 'XDbgBlockGraph', ('unstable',)),
+    'block-dirty-bitmap-add': _base.CommandInfo('block-dirty-bitmap-add', 'BlockDirtyBitmapAddArgs', False, False, None, ()),
+    'block-dirty-bitmap-remove': _base.CommandInfo('block-dirty-bitmap-remove', 'BlockDirtyBitmapRemoveArgs', False, False, None, ()),
+    'block-dirty-bitmap-clear': _base.CommandInfo('block-dirty-bitmap-clear', 'BlockDirtyBitmapClearArgs', False, False, None, ()),
+    'block-dirty-bitmap-enable': _base.CommandInfo('block-dirty-bitmap-enable', 'BlockDirtyBitmapEnableArgs', False, False, None, ()),
+    'block-dirty-bitmap-disable': _base.CommandInfo('block-dirty-bitmap-disable', 'BlockDirtyBitmapDisableArgs', False, False, None, ()),
+    'block-dirty-bitmap-merge': _base.CommandInfo('block-dirty-bitmap-merge', 'BlockDirtyBitmapMergeArgs', False, False, None, ()),
     'block_resize': _base.CommandInfo('block_resize', 'BlockResizeArgs', False, False, None, ()),
     'query-blockstats': _base.CommandInfo('query-blockstats', 'QueryBlockstatsArgs', False, False, '[BlockStats]', ()),
     'blockdev-snapshot': _base.CommandInfo('blockdev-snapshot', 'BlockdevSnapshotArgs', False, False, None, ()),
@@ -4782,6 +5069,7 @@ COMMANDS: dict[str, _base.CommandInfo] = {
     'query-chardev': _base.CommandInfo('query-chardev', None, False, False, '[ChardevInfo]', ()),
     'chardev-add': _base.CommandInfo('chardev-add', 'ChardevAddArgs', False, False, 'ChardevReturn', ()),
     'chardev-remove': _base.CommandInfo('chardev-remove', 'ChardevRemoveArgs', False, False, None, ()),
+    'transaction': _base.CommandInfo('transaction', 'TransactionArgs', False, False, None, ()),
     'qmp_capabilities': _base.CommandInfo('qmp_capabilities', 'QmpCapabilitiesArgs', False, False, None, ()),
     'query-version': _base.CommandInfo('query-version', None, False, False, 'VersionInfo', ()),
     'query-commands': _base.CommandInfo('query-commands', None, False, False, '[CommandInfo]', ()),
