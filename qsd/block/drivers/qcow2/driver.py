@@ -26,6 +26,7 @@ from array import array
 from typing import Any, cast
 
 from qsd.block import events, io
+from qsd.block.drivers.qcow2 import bitmaps as qbitmaps
 from qsd.block.drivers.qcow2 import compress, l2
 from qsd.block.drivers.qcow2 import format as fmt
 from qsd.block.drivers.qcow2 import options as qopts
@@ -67,9 +68,6 @@ from qsd.errors import QMPError
 from qsd.qapi.generated import BlockdevOptionsQcow2
 
 _SNAPSHOT = struct.Struct(">QIHHIIQII")
-_BITMAP_DIR = struct.Struct(">QIIBBHI")
-BITMAP_IN_USE = 1 << 0
-BITMAP_AUTO = 1 << 1
 
 
 def _err(code: int) -> OSError:
@@ -274,7 +272,6 @@ class Qcow2Node(BlockNode):
             hdr.autoclear_features &= fmt.AUTOCLEAR_MASK
             if update_header:
                 await self.update_header()
-            await self._mark_auto_bitmaps_in_use()
             if hdr.incompatible_features & fmt.INCOMPAT_DIRTY:
                 from qsd.block.drivers.qcow2.check import repair_refcounts
                 try:
@@ -282,6 +279,9 @@ class Qcow2Node(BlockNode):
                 except OSError as exc:
                     raise QMPError(f"Could not repair dirty image: "
                                    f"{os.strerror(exc.errno or errno.EIO)}") from None
+        if self.bitmaps:
+            self.refresh_length()
+            await qbitmaps.load(self, writable)
         await self._open_backing(options, children)
         self._bind_fast()
         self._start_clean_timer()
@@ -425,39 +425,19 @@ class Qcow2Node(BlockNode):
             pos = -(-pos // 8) * 8
 
     async def _read_bitmaps(self) -> None:
+        """The bitmap directory (``self.bitmaps``); the bitmaps themselves are loaded
+        once the image is otherwise open (qcow2 bitmaps.py)."""
         if self.bitmaps_ext is None:
             return
-        file = self.file
-        assert file is not None
         nb, _, size, offset = fmt.BITMAPS_EXT.unpack(self.bitmaps_ext)
-        raw = await io.read(file, offset, size)
-        pos = 0
-        for _ in range(nb):
-            if pos + _BITMAP_DIR.size > len(raw):
-                break
-            (table_offset, table_size, flags, kind, gran_bits, name_size,
-             extra) = _BITMAP_DIR.unpack_from(raw, pos)
-            name_at = pos + _BITMAP_DIR.size + extra
-            name = raw[name_at:name_at + name_size].decode("utf-8", "replace")
-            self.bitmaps.append({"entry": offset + pos, "table_offset": table_offset,
-                                 "table_size": table_size, "flags": flags,
-                                 "granularity": 1 << gran_bits, "name": name})
-            pos = -(-(name_at + name_size) // 8) * 8
+        self.bitmaps = qbitmaps.parse_directory(await self.meta_read(offset, size), nb)
 
-    async def _mark_auto_bitmaps_in_use(self) -> None:
-        """Enabled ("auto") bitmaps cannot be kept up to date by qsd yet: writing to the
-        image makes them inconsistent, which the in-use flag says (QEMU sets it on
-        every bitmap it loads for writing)."""
-        file = self.file
-        assert file is not None
-        changed = False
-        for bm in self.bitmaps:
-            if bm["flags"] & BITMAP_AUTO and not bm["flags"] & BITMAP_IN_USE:
-                bm["flags"] |= BITMAP_IN_USE
-                await io.write(file, bm["entry"] + 12, bm["flags"].to_bytes(4, "big"))
-                changed = True
-        if changed:
-            await self.sync()
+    async def can_store_bitmap(self, name: str, granularity: int) -> None:
+        await qbitmaps.can_store(self, name, granularity)
+
+    async def remove_persistent_bitmap(self, name: str) -> None:
+        async with self.lock:
+            await qbitmaps.remove(self, name)
 
     def _build_meta_map(self) -> None:
         """Which clusters hold which metadata (overlap checks)."""
@@ -673,8 +653,8 @@ class Qcow2Node(BlockNode):
             if self.bitmaps:
                 data["bitmaps"] = [
                     {"name": bm["name"], "granularity": bm["granularity"],
-                     "flags": [name for bit, name in ((BITMAP_IN_USE, "in-use"),
-                                                      (BITMAP_AUTO, "auto"))
+                     "flags": [name for bit, name in ((qbitmaps.IN_USE, "in-use"),
+                                                      (qbitmaps.AUTO, "auto"))
                                if bm["flags"] & bit]}
                     for bm in self.bitmaps]
             data["compression-type"] = ctype
@@ -1372,6 +1352,15 @@ class Qcow2Node(BlockNode):
         if self.caches is None or self.read_only or self.ejected:
             return
         async with self.lock:
+            try:
+                await qbitmaps.store(self)
+            except (OSError, QMPError) as exc:
+                text = exc.desc if isinstance(exc, QMPError) else exc.strerror
+                print(f"qsd: Lost persistent bitmaps during inactivation of node "
+                      f"'{self.node_name}': {text}", file=sys.stderr, flush=True)
+            for bitmap in self.dirty_bitmaps:
+                if bitmap.stored:
+                    bitmap.readonly = True
             try:
                 await self.flush_caches()
                 await self.mark_clean()
