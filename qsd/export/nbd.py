@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from qsd.block import dirty_bitmap
 from qsd.block.permissions import PERM_RESIZE
 from qsd.errors import QMPError
 from qsd.export.base import BlockExport, ExportHost
@@ -29,13 +30,42 @@ from qsd.nbd.server import NbdServer, ServedExport
 if TYPE_CHECKING:
     from qsd.aio import AioContext
     from qsd.block.backend import BlockBackend
+    from qsd.block.dirty_bitmap import DirtyBitmap
+    from qsd.block.node import BlockNode
 
 
-def _missing_bitmap(item: Any) -> QMPError:
-    """qsd has no dirty bitmaps yet, so every named bitmap is one QEMU would not find."""
-    if isinstance(item, str):
-        return QMPError(f"Bitmap '{item}' is not found")
-    return QMPError(f"Dirty bitmap '{item.name}' not found")
+def _export_bitmaps(daemon: ExportHost, blk: BlockBackend, items: list[Any],
+                    read_only: bool) -> list[tuple[str, DirtyBitmap]]:
+    """QEMU's nbd_export_create(): a name is looked up on the exported node and down its
+    filtered and backing chain (where a read-only export refuses one that still records
+    the writes of a writable node), a {node, name} anywhere."""
+    found: list[tuple[str, DirtyBitmap]] = []
+    for item in items:
+        if isinstance(item, str):
+            name = item
+            node: BlockNode | None = blk.node
+            bitmap = None
+            while node is not None and bitmap is None:
+                bitmap = dirty_bitmap.find(node, name)
+                if bitmap is None:
+                    below = node.filter_or_cow_child()
+                    node = below.node if below is not None else None
+            if bitmap is None:
+                raise QMPError(f"Bitmap '{name}' is not found")
+            if read_only and not bitmap.node.read_only and bitmap.enabled:
+                raise QMPError(f"Enabled bitmap '{name}' incompatible with readonly "
+                               "export")
+        else:
+            name = item.name
+            node = daemon.graph.find_node(item.node)
+            if node is None:
+                raise QMPError(f"Node '{item.node}' not found")
+            bitmap = dirty_bitmap.find(node, name)
+            if bitmap is None:
+                raise QMPError(f"Dirty bitmap '{name}' not found")
+        bitmap.check(dirty_bitmap.ALLOW_RO)
+        found.append((name, bitmap))
+    return found
 
 
 class NbdExport(BlockExport):
@@ -76,10 +106,11 @@ class NbdExport(BlockExport):
             flags |= NBD_FLAG_READ_ONLY
         # Resizing under connected clients would break their idea of the size.
         blk.set_perm(blk.perm, blk.shared & ~PERM_RESIZE)
-        if opts.bitmaps:
-            raise _missing_bitmap(opts.bitmaps[0])
+        bitmaps = _export_bitmaps(daemon, blk, opts.bitmaps or [], not opts.writable)
         served = ServedExport(name, description, size - size % BDRV_SECTOR_SIZE, flags,
-                              bool(opts.allocation_depth), blk, contexts[0])
+                              bool(opts.allocation_depth), blk, contexts[0], bitmaps)
+        for _, bitmap in bitmaps:
+            bitmap.busy = True
         blk.set_dev_ops(served.drained_begin, served.drained_end, served.drained_poll)
         blk.add_aio_context_notifier(served.aio_context_changed)
         server.exports[name] = served
@@ -93,3 +124,5 @@ class NbdExport(BlockExport):
         if self.server.exports.get(self.served.name) is self.served:
             del self.server.exports[self.served.name]
         await self.served.close()
+        for bitmap in self.served.bitmaps:
+            bitmap.busy = False

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from qsd.crypto.engine import TlsFailure
 from qsd.nbd.protocol import (
+    DIRTY_BITMAP_CONTEXT,
     NBD_FLAG_BLOCK_STAT_PAYLOAD,
     NBD_FLAG_C_FIXED_NEWSTYLE,
     NBD_FLAG_C_NO_ZEROES,
@@ -31,6 +32,7 @@ from qsd.nbd.protocol import (
     NBD_MAX_STRING_SIZE,
     NBD_META_ID_ALLOCATION_DEPTH,
     NBD_META_ID_BASE_ALLOCATION,
+    NBD_META_ID_DIRTY_BITMAP,
     NBD_OPT_ABORT,
     NBD_OPT_EXPORT_NAME,
     NBD_OPT_EXTENDED_HEADERS,
@@ -81,6 +83,11 @@ class AdvertisedExport(Protocol):
 
     @property
     def allocation_depth(self) -> bool: ...
+
+    @property
+    def bitmap_names(self) -> list[str]:
+        """The names of the exported dirty bitmaps (``qemu:dirty-bitmap:NAME``)."""
+        ...
 
 
 E = TypeVar("E", bound=AdvertisedExport)
@@ -421,10 +428,12 @@ class Negotiation(Generic[E]):
                                  f"export '{_sanitize(export_name)}' not present")
             return
         meta.export = exp
+        meta.bitmaps = [False] * len(exp.bitmap_names)
         (queries,) = struct.unpack(">I", await self._opt_read(4))
         if listing and queries == 0:
             meta.base_allocation = True
             meta.allocation_depth = exp.allocation_depth
+            meta.bitmaps = [True] * len(exp.bitmap_names)
         else:
             for _ in range(queries):
                 await self._meta_query(meta, exp, listing)
@@ -436,6 +445,11 @@ class Negotiation(Generic[E]):
             await self._send_context("qemu:allocation-depth", NBD_META_ID_ALLOCATION_DEPTH,
                                      listing)
             count += 1
+        for index, name in enumerate(exp.bitmap_names):
+            if meta.bitmaps[index]:
+                await self._send_context(DIRTY_BITMAP_CONTEXT + name,
+                                         NBD_META_ID_DIRTY_BITMAP + index, listing)
+                count += 1
         await self._send_rep(NBD_REP_ACK)
         meta.count = count
 
@@ -459,5 +473,15 @@ class Negotiation(Generic[E]):
                 meta.base_allocation = True
         elif query.startswith("qemu:"):
             rest = query[5:]
-            if (not rest and listing) or rest == "allocation-depth":
+            if not rest and listing:
                 meta.allocation_depth = exp.allocation_depth
+                meta.bitmaps = [True] * len(exp.bitmap_names)
+            elif rest == "allocation-depth":
+                meta.allocation_depth = exp.allocation_depth
+            elif rest.startswith("dirty-bitmap:"):
+                name = rest[len("dirty-bitmap:"):]
+                if not name:
+                    if listing:
+                        meta.bitmaps = [True] * len(exp.bitmap_names)
+                elif name in exp.bitmap_names:
+                    meta.bitmaps[exp.bitmap_names.index(name)] = True

@@ -129,9 +129,12 @@ NBD_DEFAULT_MAX_CONNECTIONS = 100
 NBD_DEFAULT_HANDSHAKE_MAX_SECS = 10
 BDRV_SECTOR_SIZE = 512
 
-# Context ids as QEMU numbers them (dirty bitmaps would follow from 2).
+# Context ids as QEMU numbers them: the export's dirty bitmaps follow from 2 in order.
 NBD_META_ID_BASE_ALLOCATION = 0
 NBD_META_ID_ALLOCATION_DEPTH = 1
+NBD_META_ID_DIRTY_BITMAP = 2
+NBD_STATE_DIRTY = 1
+DIRTY_BITMAP_CONTEXT = "qemu:dirty-bitmap:"
 
 # Packed layouts (network byte order).
 OPTION_REPLY = struct.Struct(">QIII")          # magic, option, type, length
@@ -206,12 +209,13 @@ class Mode:
 class MetaContexts:
     """The meta contexts a client selected with NBD_OPT_SET_META_CONTEXT for one export."""
 
-    __slots__ = ("export", "base_allocation", "allocation_depth", "count")
+    __slots__ = ("export", "base_allocation", "allocation_depth", "bitmaps", "count")
 
-    def __init__(self, export: object = None) -> None:
+    def __init__(self, export: object = None, nr_bitmaps: int = 0) -> None:
         self.export = export
         self.base_allocation = False
         self.allocation_depth = False
+        self.bitmaps = [False] * nr_bitmaps    # by the export's bitmap index
         self.count = 0
 
 

@@ -21,6 +21,7 @@ from qsd.sockets import Listener
 
 if TYPE_CHECKING:
     from qsd.aio import AioContext
+    from qsd.block.dirty_bitmap import DirtyBitmap
     from qsd.qapi.generated import SocketAddress
 
 
@@ -34,12 +35,16 @@ class ServedExport:
     """
 
     def __init__(self, name: str, description: str | None, size: int, nbdflags: int,
-                 allocation_depth: bool, blk: Any, ctx: AioContext) -> None:
+                 allocation_depth: bool, blk: Any, ctx: AioContext,
+                 bitmaps: list[tuple[str, DirtyBitmap]] | None = None) -> None:
         self.name = name
         self.description = description
         self.size = size
         self.nbdflags = nbdflags
         self.allocation_depth = allocation_depth
+        # The exported dirty bitmaps and the names their contexts carry.
+        self.bitmap_names = [name for name, _ in bitmaps or ()]
+        self.bitmaps = [bitmap for _, bitmap in bitmaps or ()]
         self.blk = blk
         self.ctx = ctx
         self.closed = False

@@ -50,6 +50,7 @@ from qsd.nbd.protocol import (
     NBD_MAX_BUFFER_SIZE,
     NBD_META_ID_ALLOCATION_DEPTH,
     NBD_META_ID_BASE_ALLOCATION,
+    NBD_META_ID_DIRTY_BITMAP,
     NBD_REPLY_FLAG_DONE,
     NBD_REPLY_TYPE_BLOCK_STATUS,
     NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
@@ -59,6 +60,7 @@ from qsd.nbd.protocol import (
     NBD_REPLY_TYPE_OFFSET_HOLE,
     NBD_REQUEST_MAGIC,
     NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STATE_DIRTY,
     NBD_STATE_HOLE,
     NBD_STATE_ZERO,
     NBD_STRUCTURED_REPLY_MAGIC,
@@ -74,6 +76,7 @@ from qsd.nbd.protocol import (
 if TYPE_CHECKING:
     from qsd.aio import AioContext
     from qsd.block.backend import BlockBackend
+    from qsd.block.dirty_bitmap import DirtyBitmap
 
 _EINVAL = 22
 _EXTENT32 = struct.Struct(">II")
@@ -91,6 +94,9 @@ class ClientExport(Protocol):
 
     @property
     def nbdflags(self) -> int: ...
+
+    @property
+    def bitmaps(self) -> list[DirtyBitmap]: ...
 
 
 class _Request:
@@ -127,6 +133,7 @@ class NbdClient(SocketCarrier):
         self.carrier: SocketCarrier = self
         self.blk = export.blk
         self.size = export.size
+        self.bitmaps = export.bitmaps
         self.read_only = bool(export.nbdflags & NBD_FLAG_READ_ONLY)
         self.mode = mode
         self.structured = mode >= Mode.STRUCTURED
@@ -374,7 +381,7 @@ class NbdClient(SocketCarrier):
     def _parse_status_payload(self, req: _Request, payload: bytes) -> None:
         """QEMU's nbd_co_block_status_payload_read(); invalid ones select no context."""
         mine = self.contexts
-        selected = MetaContexts(mine.export)
+        selected = MetaContexts(mine.export, len(mine.bitmaps))
         req.contexts = selected
         req.length = 0
         size = len(payload)
@@ -390,6 +397,11 @@ class NbdClient(SocketCarrier):
                 if not mine.allocation_depth or selected.allocation_depth:
                     return
                 selected.allocation_depth = True
+            elif 0 <= context_id - NBD_META_ID_DIRTY_BITMAP < len(mine.bitmaps):
+                index = context_id - NBD_META_ID_DIRTY_BITMAP
+                if not mine.bitmaps[index] or selected.bitmaps[index]:
+                    return
+                selected.bitmaps[index] = True
             else:
                 return
         (req.length,) = struct.unpack_from(">Q", payload)
@@ -598,6 +610,11 @@ class NbdClient(SocketCarrier):
                 self._send_error_chunk(req, exc.errno or _EINVAL, "can't get block status")
                 return
             self._send_extents(req, extents, context_id, remaining == 0)
+        for index, wanted in enumerate(contexts.bitmaps):
+            if wanted:
+                remaining -= 1
+                self._send_extents(req, self._dirty_extents(index, req.offset, req.length, one),
+                                   NBD_META_ID_DIRTY_BITMAP + index, remaining == 0)
 
     async def _extents(self, offset: int, length: int, one: bool,
                        context_id: int) -> list[list[int]]:
@@ -623,6 +640,38 @@ class NbdClient(SocketCarrier):
                 extents.append([num, flags])
             offset += num
             length -= num
+        return extents
+
+    def _dirty_extents(self, index: int, offset: int, length: int,
+                       one: bool) -> list[list[int]]:
+        """QEMU's bitmap_to_extents(): dirty and clean runs of the export's bitmap
+        ``index``, dirty ones cut at INT32_MAX without extended headers, neighbours with
+        the same flags merged while they fit."""
+        limit = 1 if one else NBD_MAX_BLOCK_STATUS_EXTENTS
+        wide = self.extended
+        bound = 2**63 - 1 if wide else 2**31 - 1
+        extents: list[list[int]] = []
+        end = offset + length
+        pos = offset
+        bitmap = self.bitmaps[index]
+        for start, count, dirty in bitmap.extents(offset, length):
+            pieces = [count] if not dirty else [min(bound, count - done)
+                                               for done in range(0, count, bound)]
+            for num in pieces:
+                flags = NBD_STATE_DIRTY if dirty else 0
+                if extents and extents[-1][1] == flags and (
+                        wide or extents[-1][0] + num <= 0xFFFFFFFF):
+                    extents[-1][0] += num
+                elif len(extents) >= limit:
+                    return extents
+                else:
+                    extents.append([num, flags])
+                pos = start + count
+        if pos < end:
+            if extents and extents[-1][1] == 0:
+                extents[-1][0] += end - pos
+            elif len(extents) < limit:
+                extents.append([end - pos, 0])
         return extents
 
     # -- replies -------------------------------------------------------------------
