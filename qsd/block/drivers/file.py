@@ -313,8 +313,9 @@ class FileNode(BlockNode):
         return cast(bytes, buf) if got == length else None
 
     def write_nowait(self, offset: int, data: Data, fua: bool = False) -> bool:
-        # Growing writes go the long way, which keeps the cached length right.
-        if fua or not self._nowait_write or offset + len(data) > self._length:
+        # A growing write (a format allocating clusters at the end of its file) extends
+        # the cached length as the long way does.
+        if fua or not self._nowait_write:
             return False
         flags = self._write_flags  # once: another thread may clear it meanwhile
         try:
@@ -332,6 +333,8 @@ class FileNode(BlockNode):
         end = offset + done
         if end > self.wr_highest_offset:
             self.wr_highest_offset = end
+        if end > self._length:
+            self.grew_to(end)
         return done == len(data)
 
     # ---- blocking primitives (run in the pool) ---------------------------------------------

@@ -6,7 +6,12 @@ new clusters is planned under the lock (clusters allocated, the copy-on-write re
 worked out, the guest clusters marked as in flight), writes its data without the lock,
 and links the L2 entries under the lock again; overlapping writes wait for it.  Reads
 and writes of clusters that are already allocated never take the lock once their L2
-table is cached: ``read_nowait``/``write_nowait`` answer them inline.
+table is cached: ``read_nowait``/``write_nowait`` answer them inline.  A write into one
+unallocated cluster is answered inline as well when none of its steps would wait (its
+metadata cached, the lock free, the backing data in the page cache): the lock is taken
+without waiting and the cluster allocated, written and linked at once.  Data moves
+inline on the long way too wherever the page cache takes it (copy-on-write reads from
+the backing file, the writes of new clusters at the end of the file).
 
 What reaches the file in which order is described in cache.py and refcount.py; a killed
 daemon leaves at worst leaked clusters.  Metadata that cannot be right (overlapping
@@ -939,7 +944,7 @@ class Qcow2Node(BlockNode):
         # Allocated, not shared (COPIED), not compressed, not zero.
         if (entry & (fmt.OFLAG_COPIED | fmt.OFLAG_COMPRESSED | fmt.OFLAG_ZERO)
                 != fmt.OFLAG_COPIED) or entry < 0:
-            return False
+            return entry == 0 and not fua and self._allocate_nowait(offset, data)
         if self._words == 2:
             mask = self._sc_mask(offset, length)
             if bitmap & mask != mask:
@@ -950,6 +955,78 @@ class Qcow2Node(BlockNode):
                 self._check_data_clusters and self.meta.get(host >> self.header.cluster_bits)):
             return False
         return target.write_nowait(host + (offset & self._cluster_mask), data, fua)
+
+    def _allocate_nowait(self, offset: int, data: Data) -> bool:
+        """A write into one unallocated cluster, inline: what the cluster held before
+        (the backing file's data, or zeroes) around the data in one write to a free
+        cluster, then its refcount and its L2 entry in the caches, ordered as the long
+        way orders them (the L2 table reaches the file after the refcount block and a
+        flush).  False, with nothing changed, whenever a step would wait: metadata not
+        cached, a cache flush due first, the lock or the cluster taken by another
+        request, a backing read that would block."""
+        caches, rc, rt, cache = self.caches, self.refcounts, self.opts_rt, self.l2_cache
+        fast = self._fast_data
+        if (self._words != 1 or fast is None or self.data_child is not self.file
+                or caches is None or rc is None or rt is None or cache is None):
+            return False
+        if not self.lock.try_acquire():
+            return False
+        try:
+            bits = self.header.cluster_bits
+            cluster = offset >> bits
+            l1, l1_index = self.l1, offset >> self._l1_shift
+            if l1_index >= len(l1):
+                return False
+            l1_entry = l1[l1_index]
+            l2_offset = l1_entry & fmt.L1E_OFFSET_MASK
+            cached = cache.entries.get(l2_offset)
+            if (cached is None or not l1_entry & fmt.OFLAG_COPIED or self.ejected
+                    or cluster in self.inflight):
+                return False
+            index = cluster & self._l2_mask
+            table = cached.table
+            if table[index]:
+                return False     # mapped meanwhile (a request of another thread)
+            if rt.lazy_refcounts:
+                if not self.header.incompatible_features & fmt.INCOMPAT_DIRTY:
+                    return False
+            elif caches.refblocks.depends is not None or caches.l2.depends not in (
+                    None, caches.refblocks):
+                return False
+            free = rc.free_cached()
+            if free < 0 or (self._check_data_clusters and self.meta.get(free)):
+                return False
+            cs = 1 << bits
+            guest = cluster << bits
+            start = offset & self._cluster_mask
+            end = start + len(data)
+            cow = self.cow_child()
+            if (start or end < cs) and cow is not None:
+                backing = self._fast_backing
+                if backing is None or guest + cs > cow.node.length():
+                    return False
+                # QEMU's merged copy-on-write read: the whole cluster at once.
+                old = backing.read_nowait(guest, cs)
+                if old is None:
+                    return False
+                buf = bytearray(old)
+            else:
+                buf = bytearray(cs)
+            buf[start:end] = data
+            host = free << bits
+            if not fast.write_nowait(host, buf):
+                return False     # the cluster is still free: nothing refers to it
+            rc.claim(free)
+            table[index] = host | fmt.OFLAG_COPIED
+            cache.lookup(l2_offset)
+            cached.dirty = True
+            if not rt.lazy_refcounts:
+                caches.l2.depends = caches.refblocks
+            if start or end < cs:
+                caches.l2.depends_on_flush = True
+            return True
+        finally:
+            self.lock.release()
 
     async def do_write(self, offset: int, data: Data, fua: bool) -> None:
         self._check_usable()
@@ -969,9 +1046,7 @@ class Qcow2Node(BlockNode):
                                                      len(data))
             if kind == l2.NORMAL and entry & fmt.OFLAG_COPIED:
                 self.check_data_overlap(host, nbytes)
-                target = self.data_child
-                assert target is not None
-                await io.write(target, host, data[:nbytes], fua)
+                await self._write_data(host, [data[:nbytes]], fua)
                 return nbytes
         async with self.lock:
             pieces = await self._plan(offset, data)
@@ -1095,29 +1170,63 @@ class Qcow2Node(BlockNode):
     async def _write_pieces(self, pieces: list[_Piece], offset: int, data: memoryview,
                             fua: bool) -> None:
         """Writes each piece's data with its copy-on-write fills, host-contiguous
-        pieces in one request."""
-        target = self.data_child
-        assert target is not None
-        run: list[bytes] = []
+        pieces in one request (QEMU's merged COW write: head, data and tail at once)."""
+        run: list[Data] = []
         run_start = -1
         run_end = -1
         for piece in pieces:
             buf = bytearray(piece.hi - piece.lo)
             for lo, hi, kind, entry in piece.fills:
-                buf[lo - piece.lo:hi - piece.lo] = await self._fill(piece, lo, hi, kind, entry)
+                fill = self._fill_nowait(piece, lo, hi, kind, entry)
+                if fill is None:
+                    fill = await self._fill(piece, lo, hi, kind, entry)
+                if fill:
+                    buf[lo - piece.lo:hi - piece.lo] = fill
             dstart = piece.guest + piece.start - offset
             buf[piece.start - piece.lo:piece.end - piece.lo] = data[dstart:dstart
                                                                     + piece.end - piece.start]
             host = piece.host + piece.lo
             if run and host == run_end:
-                run.append(bytes(buf))
+                run.append(buf)
                 run_end += len(buf)
                 continue
             if run:
-                await io.write(target, run_start, b"".join(run), fua)
-            run, run_start, run_end = [bytes(buf)], host, host + len(buf)
+                await self._write_data(run_start, run, fua)
+            run, run_start, run_end = [buf], host, host + len(buf)
         if run:
-            await io.write(target, run_start, b"".join(run), fua)
+            await self._write_data(run_start, run, fua)
+
+    async def _write_data(self, host: int, run: list[Data], fua: bool) -> None:
+        """Writes guest data (with its fills) to the data file: inline when the page
+        cache takes it, the long way otherwise."""
+        data = run[0] if len(run) == 1 else b"".join(run)
+        fast = self._fast_data
+        if fast is not None and fast.write_nowait(host, data, fua):
+            return
+        target = self.data_child
+        assert target is not None
+        await io.write(target, host, data, fua)
+
+    def _fill_nowait(self, piece: _Piece, lo: int, hi: int, kind: int,
+                     entry: int) -> bytes | None:
+        """What ``_fill`` answers, when it can be had without waiting; b"" for zeroes
+        (the buffer starts zeroed); None otherwise."""
+        if kind in (l2.ZERO_PLAIN, l2.ZERO_ALLOC):
+            return b""
+        if kind == l2.NORMAL:
+            target = self._fast_data
+            if target is None:
+                return None
+            return target.read_nowait((entry & fmt.L2E_OFFSET_MASK) + lo, hi - lo)
+        if kind == l2.COMPRESSED:
+            return None
+        cow = self.cow_child()
+        if cow is None:
+            return b""
+        target = self._fast_backing
+        if target is None or piece.guest + hi > cow.node.length():
+            return None
+        return target.read_nowait(piece.guest + lo, hi - lo)
 
     async def _fill(self, piece: _Piece, lo: int, hi: int, kind: int, entry: int) -> bytes:
         """What the bytes [lo, hi) of a cluster held before the write (copy-on-write)."""
@@ -1149,6 +1258,10 @@ class Qcow2Node(BlockNode):
             return
         if any(p.new_cluster for p in changed):
             await self._before_new_references()
+        if any(p.fills for p in changed):
+            # What was copied on write reaches the disk before an L2 table that points
+            # at it, lazy refcounts or not (QEMU's perform_cow).
+            caches.l2.depends_on_flush = True
         for piece in changed:
             table = await self._writable_l2(geo.l1_index(piece.guest))
             index = piece.cluster & (geo.l2_size - 1)

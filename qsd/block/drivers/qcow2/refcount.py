@@ -238,6 +238,36 @@ class Refcounts:
         self.allocated_end = max(self.allocated_end, cluster + count)
         return cluster << self.cluster_bits
 
+    def free_cached(self, limit: int = 64) -> int:
+        """The cluster ``allocate(1)`` would hand out, if finding it needs no I/O (its
+        refcount block cached, within ``limit`` steps); -1 otherwise.  Nothing changes:
+        ``claim`` takes it."""
+        cluster = max(self.free_cluster_index, self.allocate_from)
+        per_block = 1 << self.block_bits
+        for _ in range(limit):
+            index = cluster >> self.block_bits
+            offset = self.table[index] & fmt.REFT_OFFSET_MASK if index < len(self.table) else 0
+            entry = self.cache.entries.get(offset) if offset else None
+            if entry is None:
+                return -1
+            if fmt.get_refcount(entry.table, cluster & (per_block - 1), self.order) or (
+                    cluster in self.unflushed_frees):
+                cluster += 1
+                continue
+            return cluster if cluster << self.cluster_bits <= fmt.L2E_OFFSET_MASK else -1
+        return -1
+
+    def claim(self, cluster: int) -> None:
+        """Takes the cluster ``free_cached`` found (lock held since): refcount 1 in its
+        cached block, as ``allocate(1)`` would leave it."""
+        block = self.cache.lookup(self.table[cluster >> self.block_bits]
+                                  & fmt.REFT_OFFSET_MASK)
+        assert block is not None
+        fmt.set_refcount(block.table, cluster & ((1 << self.block_bits) - 1), self.order, 1)
+        block.dirty = True
+        self.free_cluster_index = max(self.free_cluster_index, cluster + 1)
+        self.allocated_end = max(self.allocated_end, cluster + 1)
+
     async def allocate_bytes(self, size: int) -> int:
         return await self.allocate(-(-size // self.cluster_size))
 

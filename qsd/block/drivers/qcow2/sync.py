@@ -53,6 +53,14 @@ class CrossLoopLock:
                 self.release()
             raise
 
+    def try_acquire(self) -> bool:
+        """Takes the lock if it is free, without waiting (inline paths)."""
+        with self._guard:
+            if self._held:
+                return False
+            self._held = True
+            return True
+
     def release(self) -> None:
         with self._guard:
             if self._waiters:
