@@ -20,11 +20,9 @@ barrier on x86.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
-import platform
 import struct
 import threading
 from typing import Final, Literal
@@ -71,11 +69,13 @@ _GETEVENTS_ARG: Final = struct.Struct("=QIIQ")
 # register's upper half the kernel would read as well).
 _GETEVENTS_ARG_SIZE: Final = ctypes.c_size_t(_GETEVENTS_ARG.size)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library is already in the process: find_library would run ldconfig (twice) at
+# every start of the daemon.
+_libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 # The same function without releasing the GIL (Ring's release_gil).
-_syscall_gil = ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True).syscall
+_syscall_gil = ctypes.PyDLL(None, use_errno=True).syscall
 _syscall_gil.restype = ctypes.c_long
 
 
@@ -85,8 +85,9 @@ _barrier = threading.Lock()
 
 def available() -> str | None:
     """None if rings can be set up here, else why not (for messages and test skips)."""
-    if platform.machine() != "x86_64":
-        return f"io_uring rings are only driven on x86_64, not {platform.machine()}"
+    machine = os.uname().machine
+    if machine != "x86_64":
+        return f"io_uring rings are only driven on x86_64, not {machine}"
     try:
         with open("/proc/sys/kernel/io_uring_disabled") as f:
             if f.read().strip() not in ("", "0"):
