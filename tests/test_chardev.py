@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -63,6 +64,27 @@ def test_stdio_monitor() -> None:
     assert lines[1:3] == [b'{"return": {}}', b'{"return": []}']
     assert lines[3:] == [b'{"return": {}}', b""]
     assert result.returncode == 0
+
+
+def test_log_file_with_timestamps(tmp_path: Path) -> None:
+    """logtimestamp=on: every line of the log begins with the UTC time, as 11.1.3 writes
+    it; a pretty monitor's reply is many lines in one write, and each gets its own."""
+    log = tmp_path / "m.log"
+    result = subprocess.run(
+        QSD + ["--chardev", f"stdio,id=m,logfile={log},logtimestamp=on",
+               "--monitor", "m,pretty=on"],
+        input=b'{"execute":"qmp_capabilities"}\n{"execute":"query-block-exports"}\n'
+              b'{"execute":"quit"}\n',
+        capture_output=True, timeout=30)
+    assert result.returncode == 0
+    stamp = rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z "
+    logged = log.read_bytes()
+    lines = logged.split(b"\r\n")
+    assert lines.pop() == b""
+    assert all(re.match(stamp, line) for line in lines), logged
+    assert b"\r\n".join(re.sub(stamp, b"", line) for line in lines) + b"\r\n" == (
+        result.stdout)
+    assert len(lines) == result.stdout.count(b"\r\n") > 20
 
 
 def test_tcp_monitor_and_events_to_every_monitor(start_qsd: QsdFactory, tmp_path: Path) -> None:

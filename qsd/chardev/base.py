@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -22,19 +23,39 @@ _READ_SIZE = 65536
 
 
 class ChardevLog:
-    """ChardevCommon's ``logfile``: a copy of everything the frontend writes."""
+    """ChardevCommon's ``logfile``: a copy of everything the frontend writes; with
+    ``logtimestamp``, each line begins with the UTC time of its first byte, as 11.1.3
+    writes it (``2026-12-01T19:44:02.485487Z {"return": {}}``)."""
 
-    def __init__(self, path: str, append: bool) -> None:
+    def __init__(self, path: str, append: bool, timestamps: bool = False) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
         try:
             self.fd = os.open(path, flags, 0o666)
         except OSError as exc:
             raise QMPError(f"Could not create '{path}': {os.strerror(exc.errno or 0)}") from None
+        self._timestamps = timestamps
+        self._line_start = True
 
     def write(self, data: bytes) -> None:
+        if self._timestamps:
+            data = self._stamped(data)
         # Best effort, as QEMU's qemu_chr_write_log(): a full disk must not stop the monitor.
         with contextlib.suppress(OSError):
             os.write(self.fd, data)
+
+    def _stamped(self, data: bytes) -> bytes:
+        """``data`` with a time stamp before each line that begins in it."""
+        out = []
+        start = 0
+        while start < len(data):
+            end = data.find(b"\n", start) + 1 or len(data)
+            if self._line_start:
+                now = datetime.datetime.now(datetime.UTC)
+                out.append(now.strftime("%Y-%m-%dT%H:%M:%S.%fZ ").encode())
+            out.append(data[start:end])
+            self._line_start = data[end - 1:end] == b"\n"
+            start = end
+        return b"".join(out)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -100,7 +100,8 @@ async def create_chardev(chardev_id: str, backend: ChardevBackend,
     """An open chardev; ``objects`` are the daemon's objects by id (where ``tls-creds`` is
     looked up)."""
     common = _common(backend)
-    log = ChardevLog(common.logfile, bool(common.logappend)) if common.logfile else None
+    log = (ChardevLog(common.logfile, bool(common.logappend), bool(common.logtimestamp))
+           if common.logfile else None)
     try:
         chardev = _make(chardev_id, backend, log, objects)
     except BaseException:

@@ -190,7 +190,8 @@ def _file(opts: dict[str, object]) -> dict[str, object]:
 
 def _common(opts: dict[str, object]) -> dict[str, object]:
     """QEMU's qemu_chr_parse_common()."""
-    data: dict[str, object] = {"logappend": bool(opts.get("logappend", False))}
+    data: dict[str, object] = {"logappend": bool(opts.get("logappend", False)),
+                               "logtimestamp": bool(opts.get("logtimestamp", False))}
     if "logfile" in opts:
         data["logfile"] = opts["logfile"]
     return data
@@ -210,8 +211,6 @@ def parse_chardev_option(text: str) -> ChardevOptions:
         raise QMPError(f"'{name}' is not a valid char driver name")
     if opts.get("mux"):
         raise QMPError("chardev option 'mux' is not supported")
-    if opts.get("logtimestamp"):
-        raise QMPError("chardev option 'logtimestamp' is not supported")
     if name == "socket":
         data = _socket(opts)
     elif name == "file":

@@ -3480,10 +3480,12 @@ class ChardevCommon(_base.QAPIModel):
 
     logfile: builtins.str | None = None
     logappend: builtins.bool | None = None
+    logtimestamp: builtins.bool | None = None
 
     __qapi_members__ = (
         _base.MemberSpec('logfile', 'logfile', 'str', True),
         _base.MemberSpec('logappend', 'logappend', 'bool', True),
+        _base.MemberSpec('logtimestamp', 'logtimestamp', 'bool', True),
     )
 
 
@@ -3497,6 +3499,7 @@ class ChardevFile(ChardevCommon):
     __qapi_members__ = (
         _base.MemberSpec('logfile', 'logfile', 'str', True),
         _base.MemberSpec('logappend', 'logappend', 'bool', True),
+        _base.MemberSpec('logtimestamp', 'logtimestamp', 'bool', True),
         _base.MemberSpec('in', 'in_', 'str', True),
         _base.MemberSpec('out', 'out', 'str', False),
         _base.MemberSpec('append', 'append', 'bool', True),
@@ -3520,6 +3523,7 @@ class ChardevSocket(ChardevCommon):
     __qapi_members__ = (
         _base.MemberSpec('logfile', 'logfile', 'str', True),
         _base.MemberSpec('logappend', 'logappend', 'bool', True),
+        _base.MemberSpec('logtimestamp', 'logtimestamp', 'bool', True),
         _base.MemberSpec('addr', 'addr', 'SocketAddressLegacy', False),
         _base.MemberSpec('tls-creds', 'tls_creds', 'str', True),
         _base.MemberSpec('tls-authz', 'tls_authz', 'str', True),
@@ -3541,6 +3545,7 @@ class ChardevStdio(ChardevCommon):
     __qapi_members__ = (
         _base.MemberSpec('logfile', 'logfile', 'str', True),
         _base.MemberSpec('logappend', 'logappend', 'bool', True),
+        _base.MemberSpec('logtimestamp', 'logtimestamp', 'bool', True),
         _base.MemberSpec('signal', 'signal', 'bool', True),
     )
 
