@@ -43,15 +43,17 @@ class Steps:
         self._steps.append((commit, abort, clean))
 
     async def commit(self) -> None:
-        steps, self._steps = self._steps, []
+        """Commits, then cleans up, newest step first (QEMU's tran_commit walks its list
+        from the head, where tran_add puts each step)."""
+        steps, self._steps = self._steps[::-1], []
         for commit, _, _ in steps:
             await _call(commit)
         for _, _, clean in steps:
             await _call(clean)
 
     async def abort(self) -> None:
-        steps, self._steps = self._steps, []
-        for _, abort, _ in reversed(steps):
+        steps, self._steps = self._steps[::-1], []
+        for _, abort, _ in steps:
             await _call(abort)
         for _, _, clean in steps:
             await _call(clean)
