@@ -9,7 +9,7 @@ from qsd.aio import main_context
 from qsd.block import drain, query
 from qsd.block.graph import users
 from qsd.commands.registry import command
-from qsd.commands.transaction import Steps, action
+from qsd.commands.transaction import Steps, action, run_single
 from qsd.errors import QMPError
 from qsd.job.block_job import block_jobs, find_block_job
 from qsd.job.create import blockdev_create as start_blockdev_create
@@ -58,16 +58,25 @@ async def blockdev_snapshot(daemon: Daemon, args: BlockdevSnapshotArgs) -> None:
     await daemon.graph.snapshot(args.node, args.overlay)
 
 
-@command("blockdev-backup")
-async def blockdev_backup(daemon: Daemon, args: BlockdevBackup) -> None:
+@action("blockdev-backup", grouped=True)
+async def blockdev_backup_action(daemon: Daemon, args: BlockdevBackup, steps: Steps) -> None:
+    """QEMU's blockdev_backup_action(): the job is created now, started on commit,
+    cancelled on abort; the source stays drained until the clean-up."""
     # Imported here: the job and its drivers are not needed until a backup starts.
     from qsd.job.backup import create_backup_job, end_prepared
 
-    job, section = await create_backup_job(daemon.jobs, daemon.graph, args)
-    try:
-        await job.start()
-    finally:
-        await end_prepared(job, section)
+    job, section = await create_backup_job(daemon.jobs, daemon.graph, args, steps.job_txn)
+
+    async def abort() -> None:
+        await job.cancel_sync(force=True)
+
+    steps.add(commit=job.start, abort=abort,
+              clean=functools.partial(end_prepared, job, section))
+
+
+@command("blockdev-backup")
+async def blockdev_backup(daemon: Daemon, args: BlockdevBackup) -> None:
+    await run_single(daemon, "blockdev-backup", args)
 
 
 @action("blockdev-snapshot")

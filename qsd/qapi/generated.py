@@ -400,6 +400,7 @@ class TransactionActionKind(enum.StrEnum):
     block_dirty_bitmap_enable = 'block-dirty-bitmap-enable'
     block_dirty_bitmap_disable = 'block-dirty-bitmap-disable'
     block_dirty_bitmap_merge = 'block-dirty-bitmap-merge'
+    blockdev_backup = 'blockdev-backup'
     blockdev_snapshot = 'blockdev-snapshot'
 
 
@@ -3727,6 +3728,16 @@ class BlockDirtyBitmapMergeWrapper(_base.QAPIModel):
     )
 
 
+class BlockdevBackupWrapper(_base.QAPIModel):
+    """QAPI struct BlockdevBackupWrapper."""
+
+    data: BlockdevBackup
+
+    __qapi_members__ = (
+        _base.MemberSpec('data', 'data', 'BlockdevBackup', False),
+    )
+
+
 class BlockdevSnapshotWrapper(_base.QAPIModel):
     """QAPI struct BlockdevSnapshotWrapper."""
 
@@ -3829,6 +3840,18 @@ class TransactionActionVariantBlockDirtyBitmapMerge(TransactionAction, BlockDirt
     __qapi_members__ = (
         _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
         _base.MemberSpec('data', 'data', 'BlockDirtyBitmapMerge', False),
+    )
+
+
+class TransactionActionVariantBlockdevBackup(TransactionAction, BlockdevBackupWrapper):
+    """TransactionAction with type 'blockdev-backup'."""
+
+    type: TransactionActionKind
+    data: BlockdevBackup
+
+    __qapi_members__ = (
+        _base.MemberSpec('type', 'type', 'TransactionActionKind', False),
+        _base.MemberSpec('data', 'data', 'BlockdevBackup', False),
     )
 
 
@@ -4770,7 +4793,7 @@ SocketAddressLegacy.__qapi_variants__ = {'inet': SocketAddressLegacyVariantInet,
 SocketAddress.__qapi_variants__ = {'inet': SocketAddressVariantInet, 'unix': SocketAddressVariantUnix, 'vsock': SocketAddressVariantVsock, 'fd': SocketAddressVariantFd}
 BlockExportOptions.__qapi_variants__ = {'nbd': BlockExportOptionsVariantNbd, 'vhost-user-blk': BlockExportOptionsVariantVhostUserBlk, 'fuse': BlockExportOptionsVariantFuse}
 ChardevBackend.__qapi_variants__ = {'file': ChardevBackendVariantFile, 'socket': ChardevBackendVariantSocket, 'null': ChardevBackendVariantNull, 'stdio': ChardevBackendVariantStdio}
-TransactionAction.__qapi_variants__ = {'abort': TransactionActionVariantAbort, 'block-dirty-bitmap-add': TransactionActionVariantBlockDirtyBitmapAdd, 'block-dirty-bitmap-remove': TransactionActionVariantBlockDirtyBitmapRemove, 'block-dirty-bitmap-clear': TransactionActionVariantBlockDirtyBitmapClear, 'block-dirty-bitmap-enable': TransactionActionVariantBlockDirtyBitmapEnable, 'block-dirty-bitmap-disable': TransactionActionVariantBlockDirtyBitmapDisable, 'block-dirty-bitmap-merge': TransactionActionVariantBlockDirtyBitmapMerge, 'blockdev-snapshot': TransactionActionVariantBlockdevSnapshot}
+TransactionAction.__qapi_variants__ = {'abort': TransactionActionVariantAbort, 'block-dirty-bitmap-add': TransactionActionVariantBlockDirtyBitmapAdd, 'block-dirty-bitmap-remove': TransactionActionVariantBlockDirtyBitmapRemove, 'block-dirty-bitmap-clear': TransactionActionVariantBlockDirtyBitmapClear, 'block-dirty-bitmap-enable': TransactionActionVariantBlockDirtyBitmapEnable, 'block-dirty-bitmap-disable': TransactionActionVariantBlockDirtyBitmapDisable, 'block-dirty-bitmap-merge': TransactionActionVariantBlockDirtyBitmapMerge, 'blockdev-backup': TransactionActionVariantBlockdevBackup, 'blockdev-snapshot': TransactionActionVariantBlockdevSnapshot}
 SchemaInfo.__qapi_variants__ = {'builtin': SchemaInfoVariantBuiltin, 'enum': SchemaInfoVariantEnum, 'array': SchemaInfoVariantArray, 'object': SchemaInfoVariantObject, 'alternate': SchemaInfoVariantAlternate, 'command': SchemaInfoVariantCommand, 'event': SchemaInfoVariantEvent}
 ObjectOptions.__qapi_variants__ = {'authz-list': ObjectOptionsVariantAuthzList, 'authz-listfile': ObjectOptionsVariantAuthzListfile, 'authz-simple': ObjectOptionsVariantAuthzSimple, 'iothread': ObjectOptionsVariantIothread, 'main-loop': ObjectOptionsVariantMainLoop, 'secret': ObjectOptionsVariantSecret, 'throttle-group': ObjectOptionsVariantThrottleGroup, 'tls-creds-psk': ObjectOptionsVariantTlsCredsPsk, 'tls-creds-x509': ObjectOptionsVariantTlsCredsX509}
 
@@ -4959,6 +4982,7 @@ TYPES: dict[str, type] = {
     'BlockDirtyBitmapAddWrapper': BlockDirtyBitmapAddWrapper,
     'BlockDirtyBitmapWrapper': BlockDirtyBitmapWrapper,
     'BlockDirtyBitmapMergeWrapper': BlockDirtyBitmapMergeWrapper,
+    'BlockdevBackupWrapper': BlockdevBackupWrapper,
     'BlockdevSnapshotWrapper': BlockdevSnapshotWrapper,
     'TransactionAction': TransactionAction,
     'TransactionProperties': TransactionProperties,
