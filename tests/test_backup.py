@@ -1,6 +1,15 @@
 """blockdev-backup through real daemons and clients: full and top backups of a disk that
 is written meanwhile equal the disk at the start; pause, speed and cancel; the target
-error policies with an injected ENOSPC; and QEMU 11.1.3's events and texts.
+error policies with an injected ENOSPC; bitmap backups and their bitmap modes; the
+image-fleecing flow (a backup with sync=none, a snapshot-access view of its filter,
+exported over NBD); QEMU 11.1.3's events and texts.
+
+The end-to-end test is the pull-mode incremental backup a libvirt-like stack runs: fio
+writes to the disk through a FUSE export the whole time; a full backup and a new
+persistent bitmap are taken in one transaction; later the bitmap is frozen and a fleecing
+view is exported over NBD with it; a libnbd client reads only the extents that
+qemu:dirty-bitmap:NAME reports and applies them to a copy of the full backup, which then
+equals the disk at that point in time, byte for byte (qemu-img compare).
 """
 
 from __future__ import annotations
@@ -8,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -15,10 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nbd
 import pytest
 
 from tests.conftest import QsdFactory
-from tests.harness import Monitor, fuse_mounts
+from tests.harness import Monitor, Qsd, fuse_mounts, wait_for_mount
 
 MiB = 1 << 20
 CLUSTER = 1 << 16
@@ -38,10 +49,11 @@ def qemu_io(target: str, *commands: str, fmt: str = "qcow2") -> None:
         result.stdout + result.stderr)
 
 
-def compare(a: str, b: str, *opts: str) -> None:
+def compare(a: str, b: str, *opts: str, same: bool = True) -> None:
+    """qemu-img compare: the images are equal (``same``) or differ."""
     result = subprocess.run(["qemu-img", "compare", "-U", *opts, a, b], capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == (0 if same else 1), result.stdout + result.stderr
 
 
 def add_qcow2(qmp: Monitor, name: str, path: Path, **extra: Any) -> None:
@@ -227,6 +239,101 @@ def test_target_error_policies(start_qsd: QsdFactory, policy: str,
         assert completed["offset"] == 4 * MiB and "error" not in completed
 
 
+# ---- bitmaps -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,ok,left", [
+    ("on-success", True, "successor"), ("on-success", False, "both"),
+    ("always", True, "successor"), ("always", False, "successor+rest"),
+    ("never", True, "both"), ("never", False, "both"),
+])
+def test_bitmap_modes(start_qsd: QsdFactory, images: Path, mode: str, ok: bool,
+                      left: str) -> None:
+    """What the bitmap holds afterwards: the writes since the start (successor), or the
+    old bits too (both), or with 'always' after a failure also what was not copied."""
+    src = disk(images / "src.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", str(images / "t.qcow2"), str(16 * MiB))
+    qmp = Monitor(start_qsd())
+    add_qcow2(qmp, "src", src)
+    add_qcow2(qmp, "t", images / "t.qcow2")
+    sock = images / "nbd.sock"
+    qmp.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    qmp.ok("block-export-add", type="nbd", id="e0", writable=True, **{"node-name": "src"})
+    qmp.ok("block-dirty-bitmap-add", node="src", name="b0")
+    uri = f"nbd+unix:///src?socket={sock}"
+    qemu_io(uri, f"write -P 1 0 {MiB}", f"write -P 2 {4 * MiB} {MiB}", fmt="raw")
+    qmp.ok("blockdev-backup", device="src", target="t", sync="bitmap", bitmap="b0",
+           speed=MiB // 2, **{"job-id": "j0", "bitmap-mode": mode})
+    assert qmp.err("block-dirty-bitmap-clear", node="src", name="b0") == (
+        "Bitmap 'b0' is currently in use by another operation and cannot be used")
+    qemu_io(uri, f"write -P 3 {8 * MiB} 4096", fmt="raw")
+    if ok:
+        qmp.ok("block-job-set-speed", device="j0", speed=0)
+        last = "BLOCK_JOB_COMPLETED"
+    else:
+        qmp.ok("block-job-cancel", device="j0")
+        last = "BLOCK_JOB_CANCELLED"
+    job_events(qmp, "j0", last)
+    nodes = {n["node-name"]: n for n in qmp.ok("query-named-block-nodes")}
+    [bitmap] = nodes["src"]["dirty-bitmaps"]
+    assert (bitmap["name"], bitmap["busy"], bitmap["recording"]) == ("b0", False, True)
+    count = bitmap["count"]
+    if left == "successor":
+        assert count == CLUSTER
+    elif left == "both":
+        assert count == 2 * MiB + CLUSTER
+    else:
+        assert CLUSTER < count <= 2 * MiB + CLUSTER
+    if ok:
+        qmp.ok("blockdev-del", **{"node-name": "t"})
+        qemu_io(str(images / "t.qcow2"), f"read -P 1 0 {MiB}", f"read -P 2 {4 * MiB} {MiB}",
+                f"read -P 0 {MiB} {MiB}")
+
+
+# ---- transactions -------------------------------------------------------------------------
+
+
+def test_transaction_events_as_qemu(start_qsd: QsdFactory) -> None:
+    """Backups in transactions, events as 11.1.3 emits them (recorded with the same
+    nodes): actions commit newest first, so the second job runs first; a grouped
+    transaction completes its jobs together; an aborted transaction takes its job back
+    before it ever ran."""
+    qmp = Monitor(start_qsd("--blockdev", "null-co,node-name=src,size=4194304",
+                            "--blockdev", "null-co,node-name=t1,size=4194304",
+                            "--blockdev", "null-co,node-name=t2,size=4194304"))
+
+    def backup_action(job: str, target: str) -> dict[str, Any]:
+        return {"type": "blockdev-backup", "data": {"device": "src", "target": target,
+                                                    "sync": "full", "job-id": job}}
+
+    assert qmp.err("transaction", actions=[backup_action("j0", "t1"),
+                                           {"type": "abort", "data": {}}]) == (
+        "Transaction aborted using Abort action")
+    assert [(e["data"]["id"], e["data"]["status"]) for e in qmp.events] == [
+        ("j0", "created"), ("j0", "aborting"), ("j0", "concluded"), ("j0", "null")]
+    qmp.events.clear()
+    assert {n["node-name"] for n in qmp.ok("query-named-block-nodes")} == {"src", "t1", "t2"}
+    qmp.ok("transaction", actions=[backup_action("j0", "t1"), backup_action("j1", "t2")],
+           properties={"completion-mode": "grouped"})
+    started = [(e["data"]["id"], e["data"]["status"]) for e in qmp.events]
+    assert started == [("j0", "created"), ("j1", "created"), ("j1", "running"),
+                       ("j1", "paused"), ("j0", "running"), ("j0", "paused"),
+                       ("j1", "running"), ("j0", "running")]
+    qmp.events.clear()
+    deadline = time.monotonic() + 30
+    while sum(e["event"] == "JOB_STATUS_CHANGE" and e["data"]["status"] == "null"
+              for e in qmp.events) < 2:
+        assert time.monotonic() < deadline, qmp.events
+        qmp.events.append(json.loads(qmp.raw.recv_line()))
+    done = [(e["data"].get("id") or e["data"]["device"],
+             e["data"]["status"] if e["event"] == "JOB_STATUS_CHANGE" else e["event"])
+            for e in qmp.events]
+    assert sorted(done[:2]) == [("j0", "waiting"), ("j1", "waiting")]
+    assert done[2:] == [("j1", "pending"), ("j0", "pending"),
+                        ("j1", "BLOCK_JOB_COMPLETED"), ("j1", "concluded"), ("j1", "null"),
+                        ("j0", "BLOCK_JOB_COMPLETED"), ("j0", "concluded"), ("j0", "null")]
+
+
 # ---- image fleecing -----------------------------------------------------------------------
 
 
@@ -321,6 +428,7 @@ ERROR_STEPS: list[tuple[str, dict[str, Any]]] = [
                       "target": "tgt", "cbw-timeout": 5, "on-cbw-error": "break-snapshot"}),
     ("blockdev-add", {"driver": "snapshot-access", "node-name": "s0", "file": "c0"}),
     ("blockdev-add", {"driver": "snapshot-access", "node-name": "s1"}),
+    ("query-named-block-nodes", {"flat": True}),
     ("x-debug-query-block-graph", {}),
     ("blockdev-del", {"node-name": "c0"}),
     ("blockdev-del", {"node-name": "s0"}),
@@ -349,6 +457,155 @@ def test_errors_match_qemu() -> None:
     assert len(ours) == len(golden)
     for step, (expected, got) in enumerate(zip(golden, ours, strict=True)):
         assert got == expected, (step, ERROR_STEPS[step])
+
+
+# ---- the end-to-end pull-mode incremental backup -----------------------------------------
+
+
+def fio_writer(path: Path) -> subprocess.Popen[bytes]:
+    """fio random 4 KiB writes (500 a second) to a quarter of the mounted disk until
+    killed, in its own process group (ended by that group's id)."""
+    return subprocess.Popen(
+        ["fio", "--name=w", f"--filename={path}", "--rw=randwrite", "--bs=4k",
+         "--offset=16m", "--size=16m", "--rate_iops=500", "--direct=1",
+         "--ioengine=libaio", "--iodepth=8", "--time_based", "--runtime=600",
+         "--output-format=terse", "--randrepeat=0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def stop_fio(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
+def dirty_extents(uri: str, context: str) -> tuple[list[tuple[int, int]], int]:
+    """The dirty extents that ``context`` reports over the export, and its size."""
+    h = nbd.NBD()
+    h.add_meta_context(context)
+    h.connect_uri(uri)
+    try:
+        assert h.can_meta_context(context)
+        size = h.get_size()
+        extents: list[tuple[int, int]] = []
+        offset = 0
+        while offset < size:
+            found: list[int] = []
+
+            def collect(ctx: str, start: int, entries: list[int], err: int,
+                        out: list[int] = found) -> int:
+                if ctx == context:
+                    out.extend(entries)
+                return 0
+
+            h.block_status(min(size - offset, 1 << 30), offset, collect)
+            assert found
+            for length, flags in zip(found[::2], found[1::2], strict=True):
+                if flags & 1:
+                    extents.append((offset, length))
+                offset += length
+        return extents, size
+    finally:
+        h.shutdown()
+
+
+def apply_extents(uri: str, extents: list[tuple[int, int]], restored: Path) -> int:
+    """Reads each extent over NBD and writes it into the raw image; returns the bytes
+    read."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    done = 0
+    try:
+        with open(restored, "r+b") as out:
+            for start, length in extents:
+                for pos in range(start, start + length, 4 * MiB):
+                    count = min(4 * MiB, start + length - pos)
+                    out.seek(pos)
+                    out.write(h.pread(count, pos))
+                    done += count
+    finally:
+        h.shutdown()
+    return done
+
+
+def test_incremental_backup_over_fuse_and_nbd(start_qsd: QsdFactory, images: Path) -> None:
+    size = 64 * MiB
+    src = disk(images / "disk.qcow2", size)
+    full = images / "full.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(full), str(size))
+    qemu_img("create", "-q", "-f", "raw", str(images / "fleece.raw"), str(size))
+    mount = images / "disk.mnt"
+    mount.touch()
+    sock = images / "nbd.sock"
+    daemon: Qsd = start_qsd(
+        "--blockdev", f"driver=file,node-name=disk-file,filename={src}",
+        "--blockdev", "driver=qcow2,node-name=disk,file=disk-file",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", f"fuse,id=fuse0,node-name=disk,mountpoint={mount},writable=on")
+    wait_for_mount(mount, daemon)
+    qmp = Monitor(daemon)
+    add_qcow2(qmp, "full", full)
+    writer = fio_writer(mount)
+    try:
+        time.sleep(1)
+        assert writer.poll() is None
+        # (a) the full backup and the bitmap that starts at the same point in time
+        qmp.ok("transaction", actions=[
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "disk", "name": "b0", "persistent": True}},
+            {"type": "blockdev-backup",
+             "data": {"device": "disk", "target": "full", "sync": "full",
+                      "job-id": "full0"}}])
+        events = job_events(qmp, "full0", "BLOCK_JOB_COMPLETED", timeout=300)
+        assert "error" not in events[-3]["data"], events
+        qmp.ok("blockdev-del", **{"node-name": "full"})    # its qcow2 metadata written
+        time.sleep(1)
+        # (b) freeze b0, start b1 for next time, and put the fleecing view in place
+        qmp.ok("blockdev-add", driver="file", filename=str(images / "fleece.raw"),
+               **{"node-name": "fleece"})
+        qmp.ok("transaction", actions=[
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "disk", "name": "b1", "persistent": True}},
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "disk", "name": "b0"}},
+            {"type": "blockdev-backup",
+             "data": {"device": "disk", "target": "fleece", "sync": "none",
+                      "job-id": "fleece0", "filter-node-name": "cbw"}}])
+        qmp.ok("blockdev-add", driver="snapshot-access", file="cbw",
+               **{"node-name": "view"})
+        qmp.ok("block-export-add", type="nbd", id="inc", name="inc",
+               bitmaps=[{"node": "disk", "name": "b0"}], **{"node-name": "view"})
+        uri = f"nbd+unix:///inc?socket={sock}"
+        extents, exported = dirty_extents(uri, "qemu:dirty-bitmap:b0")
+        assert exported == size and extents
+        restored = images / "restored.raw"
+        qemu_img("convert", "-O", "raw", str(full), str(restored))
+        read = apply_extents(uri, extents, restored)
+        assert 0 < read < size // 2, read
+        assert writer.poll() is None      # fio wrote the whole time
+        # (c) full + incremental equals the disk at the point in time: the view; the
+        # full backup alone does not (fio wrote in between)
+        compare(str(restored), uri, "-f", "raw", "-F", "raw")
+        compare(str(full), uri, "-f", "qcow2", "-F", "raw", same=False)
+        qmp.ok("block-export-del", id="inc")
+        qmp.wait_event("BLOCK_EXPORT_DELETED")
+        qmp.ok("blockdev-del", **{"node-name": "view"})
+        qmp.ok("block-job-cancel", device="fleece0")
+        job_events(qmp, "fleece0", "BLOCK_JOB_CANCELLED")
+        qmp.ok("blockdev-del", **{"node-name": "fleece"})
+    finally:
+        stop_fio(writer)
+    qmp.ok("block-export-del", id="fuse0")
+    qmp.wait_event("BLOCK_EXPORT_DELETED")
+    assert daemon.stop() == 0
+    info = qemu_img("info", "--output=json", str(src))
+    bitmaps = json.loads(info)["format-specific"]["data"]["bitmaps"]
+    assert sorted(b["name"] for b in bitmaps) == ["b0", "b1"]
+    qemu_img("check", "-q", str(src))
+    qemu_img("check", "-q", str(full))
+    # fio went on writing after the point in time: the disk moved on from it
+    compare(str(restored), str(src), "-f", "raw", "-F", "qcow2", same=False)
 
 
 if __name__ == "__main__":
