@@ -109,18 +109,22 @@ def disk(path: Path, size: int = 16 * MiB, *opts: str) -> Path:
 # ---- full and top backups ----------------------------------------------------------------
 
 
-def test_full_backup_is_the_point_in_time(start_qsd: QsdFactory, images: Path) -> None:
-    """Writes during a slow full backup change the disk, not the backup; QEMU's events."""
+@pytest.mark.parametrize("iothread", [False, True])
+def test_full_backup_is_the_point_in_time(start_qsd: QsdFactory, images: Path,
+                                          iothread: bool) -> None:
+    """Writes during a slow full backup change the disk, not the backup; QEMU's events.
+    With an iothread, the job and the filter's copies run in it (the target moves there)."""
     src = disk(images / "src.qcow2")
     ref = images / "ref.raw"
     qemu_img("convert", "-O", "raw", str(src), str(ref))
     qemu_img("create", "-q", "-f", "qcow2", str(images / "full.qcow2"), str(16 * MiB))
     sock = images / "nbd.sock"
-    qmp = Monitor(start_qsd())
+    qmp = Monitor(start_qsd(*(["--object", "iothread,id=io0"] if iothread else [])))
     add_qcow2(qmp, "src", src)
     add_qcow2(qmp, "full", images / "full.qcow2")
     qmp.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
-    qmp.ok("block-export-add", type="nbd", id="e0", writable=True, **{"node-name": "src"})
+    qmp.ok("block-export-add", type="nbd", id="e0", writable=True, **{"node-name": "src"},
+           **({"iothread": "io0"} if iothread else {}))
     qmp.ok("blockdev-backup", device="src", target="full", sync="full", speed=8 * MiB,
            **{"job-id": "j0", "filter-node-name": "cbw"})
     jobs = qmp.ok("query-block-jobs")
@@ -134,10 +138,14 @@ def test_full_backup_is_the_point_in_time(start_qsd: QsdFactory, images: Path) -
     qemu_io(uri, *(f"write -P 0x5a {offset + 4096} 8192" for offset in range(0, 16 * MiB, MiB)),
             fmt="raw")
     events = job_events(qmp, "j0", "BLOCK_JOB_COMPLETED")
-    # QEMU's order: the job starts paused while the source is drained for its start.
-    assert statuses(events) == ["created", "running", "paused", "running", "waiting",
-                                "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
-    completed = events[6]["data"]
+    # QEMU's order: the job starts paused while the source is drained for its start.  A
+    # job in an iothread may get there only once the drain ended (11.1.3 has no answer:
+    # its bdrv_insert_node() fails an assertion for a source in an iothread).
+    expected = ["created", "running", "paused", "running", "waiting", "pending",
+                "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert statuses(events) in ([expected, expected[:2] + expected[4:]] if iothread
+                                else [expected])
+    completed = events[-3]["data"]
     assert completed == {"device": "j0", "len": 16 * MiB, "offset": 16 * MiB,
                          "speed": 8 * MiB, "type": "backup"}
     assert "cbw" not in {n["node-name"] for n in qmp.ok("query-named-block-nodes")}
