@@ -181,6 +181,13 @@ class BlockCopyState:
         if self.progress is not None:
             self.progress.progress_set_remaining(remaining)
 
+    def settled(self, start: int, end: int) -> bool:
+        """Whether nothing in [start, end) is left to copy or being copied: a copy call
+        there would find nothing to do (no new copy can start, as none is dirty)."""
+        with self._lock:
+            return (self.bitmap.next_dirty(start, end) < 0
+                    and not self._copies.overlapping(start, end))
+
     def dirty_count(self) -> int:
         with self._lock:
             return self.bitmap.count()

@@ -68,6 +68,11 @@ class RequestTracker:
                 return other
         return None
 
+    def overlapping(self, start: int, end: int) -> bool:
+        """Whether any tracked request overlaps [start, end)."""
+        with self._lock:
+            return any(r.start < end and start < r.end for r in self._requests)
+
     def shrink(self, req: TrackedRequest, end: int) -> None:
         """The request gave up its tail: whoever waited for it looks again."""
         with self._lock:
