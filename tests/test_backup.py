@@ -247,6 +247,30 @@ def test_target_error_policies(start_qsd: QsdFactory, policy: str,
         assert completed["offset"] == 4 * MiB and "error" not in completed
 
 
+def test_source_error_stops_and_resumes(start_qsd: QsdFactory) -> None:
+    """An EIO reading the source under on-source-error=stop: 11.1.3's event and
+    io-status (recorded with the same graph), then the job completes once resumed."""
+    qmp = Monitor(start_qsd("--blockdev", "null-co,node-name=tgt,size=4194304"))
+    qmp.ok("blockdev-add", driver="raw", file={
+        "driver": "blkdebug", "image": {"driver": "null-co", "size": 4 * MiB},
+        "inject-error": [{"event": "read_aio", "errno": 5, "once": True}]},
+        **{"node-name": "src"})
+    qmp.ok("blockdev-backup", device="src", target="tgt", sync="full",
+           **{"job-id": "j0", "on-source-error": "stop"})
+    assert qmp.wait_event("BLOCK_JOB_ERROR")["data"] == {
+        "device": "j0", "operation": "read", "action": "stop"}
+    deadline = time.monotonic() + 10
+    while (job := qmp.ok("query-block-jobs")[0])["status"] != "paused":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert (job["io-status"], job["offset"]) == ("failed", 3 * MiB)
+    qmp.ok("block-job-resume", device="j0")
+    events = job_events(qmp, "j0", "BLOCK_JOB_COMPLETED")
+    assert statuses(events)[-6:] == ["running", "waiting", "pending", "BLOCK_JOB_COMPLETED",
+                                     "concluded", "null"]
+    assert events[-3]["data"]["offset"] == 4 * MiB
+
+
 # ---- bitmaps -------------------------------------------------------------------------------
 
 
