@@ -9,9 +9,10 @@ flight, checks them against the node's length and sends them down ``qsd.block.io
 Its fast paths are bound once (and again whenever something below changes) straight to
 the driver of the node that will answer them, skipping pass-through filters, so that
 ``read_nowait``/``write_nowait`` are two counter steps, one flag test and the driver
-call.  Nodes that need aligned requests or run before-write hooks get no fast path; the
-dirty bitmaps of the nodes a request passes are marked by a wrapper bound only while
-there are any, so that a node without bitmaps pays nothing for them.
+call.  Nodes that need aligned requests get no fast path, nodes that run before-write
+hooks or copy on read (a stream job) no inline write path; the dirty bitmaps of the
+nodes a request passes are marked by a wrapper bound only while there are any, so that
+a node without bitmaps pays nothing for them.
 """
 
 from __future__ import annotations
@@ -163,13 +164,15 @@ class BlockBackend(ChildParent):
             return
         node = self.node = self.root.node
         target = node
-        hooks = bool(node.before_write)
+        # Before-write hooks and copy-on-read (whose serialising copies only tracked
+        # requests wait for) need every write to come through qsd.block.io.
+        hooks = bool(node.before_write) or node.copy_on_read > 0
         chain = [node]
         following = node.nowait_next()
         while following is not None:
             target = following
             chain.append(target)
-            hooks = hooks or bool(target.before_write)
+            hooks = hooks or bool(target.before_write) or target.copy_on_read > 0
             following = target.nowait_next()
         self._wr_chain = tuple(chain)
         if target.bl.request_alignment > 1:

@@ -218,6 +218,25 @@ class BlockGraph:
                     nshared = PERM_ALL
                 self._set_perm(child, nperm, nshared, tran)
 
+    def refresh_permissions(self, node: BlockNode) -> None:
+        """Works out what ``node`` needs from its children again (its driver changed its
+        mind, e.g. a job's filter that stops forwarding); QMPError and no change if that
+        conflicts (QEMU's bdrv_child_refresh_perms)."""
+        with Transaction() as tran:
+            self._update_permissions([node], tran)
+
+    def set_backing(self, node: BlockNode, backing: BlockNode | None) -> None:
+        """Points ``node``'s backing edge at ``backing``, or drops it (QEMU's
+        bdrv_set_backing_hd): the nodes between go when nobody else holds them."""
+        old = node.backing
+        if old is not None and backing is not None:
+            self.replace_child(old, backing)
+            return
+        if old is not None:
+            self.detach_child(old)
+        if backing is not None:
+            self.attach_child(node, backing, "backing", ChildRole.COW)
+
     # ---- blockdev-add ------------------------------------------------------------------------
 
     async def blockdev_add(self, opts: Any) -> BlockNode:
@@ -403,7 +422,8 @@ class BlockGraph:
     # ---- AioContexts ---------------------------------------------------------------------
 
     def component(self, node: BlockNode) -> list[BlockNode]:
-        """Every node connected to ``node`` through parent or child edges."""
+        """Every node connected to ``node`` through parent or child edges, or through
+        a user that keeps its nodes together (a block job)."""
         seen: dict[int, BlockNode] = {}
         todo = [node]
         while todo:
@@ -412,7 +432,11 @@ class BlockGraph:
                 continue
             seen[id(n)] = n
             todo.extend(c.node for c in n.children)
-            todo.extend(c.parent_node for c in n.parents if c.parent_node is not None)
+            for c in n.parents:
+                if c.parent_node is not None:
+                    todo.append(c.parent_node)
+                else:
+                    todo.extend(c.parent.child_peers(c))
         return list(seen.values())
 
     async def set_aio_context(self, node: BlockNode, ctx: AioContext) -> None:
@@ -460,7 +484,7 @@ class BlockGraph:
         drained section over the node, which the caller ends).  A transaction then
         finishes it with snapshot_commit or undoes it with snapshot_abort."""
         async with self.changing:
-            old = self._lookup(node_name)
+            old = self.lookup(node_name)
             section = await drain.drained_begin(self.lock, [old])
             try:
                 check_op_blocker(old)
@@ -470,7 +494,7 @@ class BlockGraph:
                             await io.flush(child)
                         except OSError:
                             raise QMPError("An IO error has occurred") from None
-                new = self._lookup(overlay_name)
+                new = self.lookup(overlay_name)
                 perm = 0
                 for child in new.parents:
                     perm |= child.perm
@@ -506,12 +530,26 @@ class BlockGraph:
                     self.detach_child(backing)
                 self.replace_node(new, old)
 
-    def _lookup(self, name: str) -> BlockNode:
+    def lookup(self, name: str) -> BlockNode:
         """QEMU's bdrv_lookup_bs(name, name): a daemon has no devices, only nodes."""
         node = self.find_node(name)
         if node is None:
             raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
         return node
+
+    def lookup_node(self, name: str) -> BlockNode:
+        """QEMU's bdrv_lookup_bs(NULL, name): a node by node name only."""
+        node = self.find_node(name)
+        if node is None:
+            raise QMPError(f"Cannot find device='' nor node-name='{name}'")
+        return node
+
+    async def release(self, node: BlockNode) -> None:
+        """Closes a node that no user holds any more and that the monitor did not add
+        (QEMU's last bdrv_unref of an implicitly opened node)."""
+        if not node.parents and not node.monitor_owned and not node.closed:
+            async with self.changing:
+                await self._destroy(node)
 
     def _append(self, new: BlockNode, top: BlockNode) -> None:
         """QEMU's bdrv_append(): ``top`` becomes the backing child of ``new`` and every
@@ -685,14 +723,22 @@ def _move_back(child: Child, old: BlockNode, index: int) -> None:
     child.node = old
 
 
-def check_op_blocker(node: BlockNode) -> None:
-    """QEMU's op blockers for resizing, deleting and snapshotting: a node that is the
-    backing file of another refuses them (bdrv_backing_attach), the newest user first."""
+# The operations a backing file still allows (QEMU's bdrv_backing_attach unblocks them).
+_BACKING_ALLOWS = frozenset({"commit-target", "stream", "backup-source", "backup-target"})
+
+
+def check_op_blocker(node: BlockNode, op: str = "") -> None:
+    """QEMU's op blockers, newest user first: a block job blocks every operation on the
+    nodes it uses; a node that is the backing file of another refuses every ``op`` but
+    committing into it, streaming and backing up (bdrv_backing_attach)."""
     for child in node.parents:
-        parent = child.parent_node
-        if parent is not None and child.role & ChildRole.COW:
-            raise QMPError(f"Node '{node.node_name}' is busy: node is used as backing hd "
-                           f"of '{parent.node_name}'")
+        reason = child.parent.child_op_blocker(child)
+        if reason is None and child.parent_node is not None and child.role & ChildRole.COW:
+            if op in _BACKING_ALLOWS:
+                continue
+            reason = f"node is used as backing hd of '{child.parent_node.node_name}'"
+        if reason is not None:
+            raise QMPError(f"Node '{node.node_name}' is busy: {reason}")
 
 
 def _below(node: BlockNode) -> list[BlockNode]:

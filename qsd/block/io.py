@@ -83,7 +83,7 @@ async def read(child: Child, offset: int, length: int) -> bytes:
     next(node.requests_started)
     try:
         align = node.bl.request_alignment
-        if align == 1:
+        if align == 1 and not node.copy_on_read:
             return await _aligned_read(node, offset, length, 1)
         start = _align_down(offset, align)
         end = _align_up(offset + length, align)
@@ -132,7 +132,7 @@ async def write(child: Child, offset: int, data: Data, fua: bool = False) -> Non
     next(node.requests_started)
     try:
         align = node.bl.request_alignment
-        if align == 1:
+        if align == 1 and not node.copy_on_read:
             await _aligned_write(node, offset, data, fua)
             return
         tracker = node.tracker
@@ -231,7 +231,7 @@ async def write_zeroes(child: Child, offset: int, length: int, may_unmap: bool =
     next(node.requests_started)
     try:
         align = node.bl.request_alignment
-        if align == 1:
+        if align == 1 and not node.copy_on_read:
             await _zero_write(node, offset, length, may_unmap, no_fallback, fua)
             return
         tracker = node.tracker
@@ -327,7 +327,7 @@ async def discard(child: Child, offset: int, length: int) -> None:
         return
     next(node.requests_started)
     try:
-        if node.bl.request_alignment == 1:
+        if node.bl.request_alignment == 1 and not node.copy_on_read:
             await _discard(node, offset, length)
             return
         tracker = node.tracker
@@ -427,7 +427,69 @@ async def truncate(child: Child, length: int, exact: bool = False,
         next(node.requests_done)
 
 
+# ---- copy-on-read ----------------------------------------------------------------------------
+
+
+async def copy_on_read(child: Child, offset: int, length: int, cluster: int) -> None:
+    """Copies into ``child.node`` what its backing chain shows in the parts of the range
+    the node does not allocate itself (QEMU's copy-on-read prefetch: the work of
+    block-stream).  The request covers whole clusters and is serialising, so no other
+    request to them runs between reading the chain and writing the copy; the node must
+    have ``copy_on_read`` raised, which makes every request to it tracked."""
+    node = child.node
+    _check(offset, length)
+    next(node.requests_started)
+    try:
+        align = max(cluster, node.bl.request_alignment)
+        start = _align_down(offset, align)
+        end = min(_align_up(offset + length, align), node.length())
+        tracker = node.tracker
+        req = tracker.begin(start, end)
+        try:
+            tracker.serialise(req, align)
+            await tracker.wait(req)
+            pos = start
+            while pos < end:
+                status = await node_block_status(node, False, pos, end - pos)
+                if not status.length:
+                    break
+                if not status.flags & BLOCK_ALLOCATED:
+                    data = await _aligned_read(node, pos, status.length,
+                                               node.bl.request_alignment)
+                    if is_zero(data):
+                        await _zero_write(node, pos, status.length, False, False, False)
+                    else:
+                        await _aligned_write(node, pos, data, False)
+                pos += status.length
+        finally:
+            tracker.end(req)
+    finally:
+        next(node.requests_done)
+
+
 # ---- block status ----------------------------------------------------------------------------
+
+
+async def is_allocated_above(top: BlockNode, base: BlockNode | None, include_base: bool,
+                             offset: int, length: int) -> tuple[bool, int]:
+    """Whether some layer from ``top`` down to ``base`` (``base`` itself only with
+    ``include_base``; the whole chain when ``base`` is None) allocates the range's start,
+    and for how many bytes that answer holds (QEMU's bdrv_is_allocated_above)."""
+    count = length
+    node: BlockNode | None = top
+    while node is not None and (include_base or node is not base):
+        status = await node_block_status(node, False, offset, length)
+        if status.flags & BLOCK_ALLOCATED:
+            return True, status.length
+        if count > status.length and (node is top or offset + status.length < node.length()):
+            count = status.length
+        if node is base:
+            break
+        below = node.filter_or_cow_child()
+        node = below.node if below is not None else None
+    return False, count
+
+
 
 
 async def block_status(child: Child, offset: int, length: int,

@@ -148,6 +148,16 @@ class ChildParent(Protocol):
         """Something below changed that bindings to its fast paths depend on."""
         return None
 
+    def child_peers(self, child: Child) -> list[BlockNode]:
+        """Other nodes that must stay in the AioContext of the node below (a job's
+        nodes move between iothreads together, QEMU's child_job_change_aio_ctx)."""
+        return []
+
+    def child_op_blocker(self, child: Child) -> str | None:
+        """Why operations on the node below are refused while this owner uses it (QEMU's
+        op blockers: a block job's), or None."""
+        return None
+
 
 class ChildOpener(Protocol):
     """What a driver's ``open`` uses to get its children (implemented by the graph), the
@@ -247,6 +257,9 @@ class BlockNode(ChildParent):
         self.before_write: list[BeforeWrite] = []
         # Newest first; qsd.block.io marks them after each write (dirty_bitmap.py).
         self.dirty_bitmaps: list[DirtyBitmap] = []
+        # While positive (a stream job copies into the node), every request is tracked,
+        # so that copy-on-read can serialise against it (QEMU's bs->copy_on_read).
+        self.copy_on_read = 0
         self._length = 0
         # The end of the highest write request so far (query-blockstats).
         self.wr_highest_offset = 0
@@ -393,6 +406,11 @@ class BlockNode(ChildParent):
 
     async def do_truncate(self, length: int, exact: bool, prealloc: str) -> None:
         raise OSError(errno.ENOTSUP, "Image format driver does not support resize")
+
+    async def change_backing_file(self, filename: str, backing_format: str) -> None:
+        """Records another backing file (``""``: none) in the image's own metadata, as
+        QEMU's bdrv_change_backing_file() does when a job changed the chain."""
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
 
     async def do_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
         """Status of this layer only, for an aligned range within the node.

@@ -13,6 +13,7 @@ from qsd.commands.transaction import Steps, action, run_single
 from qsd.errors import QMPError
 from qsd.job.block_job import block_jobs, find_block_job
 from qsd.job.create import blockdev_create as start_blockdev_create
+from qsd.job.stream import block_stream as start_block_stream
 from qsd.qapi.generated import (
     BlockdevBackup,
     BlockdevCreateArgs,
@@ -28,6 +29,7 @@ from qsd.qapi.generated import (
     BlockJobResumeArgs,
     BlockJobSetSpeedArgs,
     BlockResizeArgs,
+    BlockStreamArgs,
     QueryBlockArgs,
     QueryBlockstatsArgs,
     QueryNamedBlockNodesArgs,
@@ -136,6 +138,11 @@ async def x_blockdev_set_iothread(daemon: Daemon, args: XBlockdevSetIothreadArgs
 # ---- block jobs (the job-* commands in commands/job.py do the same by job id) ------------
 
 
+@command("block-stream")
+async def block_stream(daemon: Daemon, args: BlockStreamArgs) -> None:
+    await start_block_stream(daemon.jobs, daemon.graph, args)
+
+
 @command("query-block-jobs")
 async def query_block_jobs(daemon: Daemon, args: None) -> object:
     return [job.query() for job in block_jobs(daemon.jobs) if job.id is not None]
@@ -143,7 +150,9 @@ async def query_block_jobs(daemon: Daemon, args: None) -> object:
 
 @command("block-job-set-speed")
 async def block_job_set_speed(daemon: Daemon, args: BlockJobSetSpeedArgs) -> None:
-    find_block_job(daemon.jobs, args.device).set_speed(args.speed)
+    job = find_block_job(daemon.jobs, args.device)
+    job.set_speed(args.speed)
+    await job.settle()
 
 
 @command("block-job-cancel")
@@ -153,21 +162,28 @@ async def block_job_cancel(daemon: Daemon, args: BlockJobCancelArgs) -> None:
     if job.user_paused and not force:
         raise QMPError(f"The block job for device '{args.device}' is currently paused")
     await job.user_cancel(force)
+    await job.settle()
 
 
 @command("block-job-pause")
 async def block_job_pause(daemon: Daemon, args: BlockJobPauseArgs) -> None:
-    find_block_job(daemon.jobs, args.device).user_pause()
+    job = find_block_job(daemon.jobs, args.device)
+    job.user_pause()
+    await job.settle()
 
 
 @command("block-job-resume")
 async def block_job_resume(daemon: Daemon, args: BlockJobResumeArgs) -> None:
-    find_block_job(daemon.jobs, args.device).user_resume_command()
+    job = find_block_job(daemon.jobs, args.device)
+    job.user_resume_command()
+    await job.settle()
 
 
 @command("block-job-complete")
 async def block_job_complete(daemon: Daemon, args: BlockJobCompleteArgs) -> None:
-    find_block_job(daemon.jobs, args.device).complete()
+    job = find_block_job(daemon.jobs, args.device)
+    job.complete()
+    await job.settle()
 
 
 @command("block-job-finalize")

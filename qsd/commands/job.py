@@ -20,23 +20,31 @@ if TYPE_CHECKING:
 
 @command("job-pause")
 async def job_pause(daemon: Daemon, args: JobPauseArgs) -> None:
-    daemon.jobs.find(args.id).user_pause()
+    job = daemon.jobs.find(args.id)
+    job.user_pause()
+    await job.settle()
 
 
 @command("job-resume")
 async def job_resume(daemon: Daemon, args: JobResumeArgs) -> None:
-    daemon.jobs.find(args.id).user_resume_command()
+    job = daemon.jobs.find(args.id)
+    job.user_resume_command()
+    await job.settle()
 
 
 @command("job-cancel")
 async def job_cancel(daemon: Daemon, args: JobCancelArgs) -> None:
     # job-cancel always cancels for good; block-job-cancel knows soft cancelling.
-    await daemon.jobs.find(args.id).user_cancel(force=True)
+    job = daemon.jobs.find(args.id)
+    await job.user_cancel(force=True)
+    await job.settle()
 
 
 @command("job-complete")
 async def job_complete(daemon: Daemon, args: JobCompleteArgs) -> None:
-    daemon.jobs.find(args.id).complete()
+    job = daemon.jobs.find(args.id)
+    job.complete()
+    await job.settle()
 
 
 @command("job-finalize")

@@ -47,7 +47,7 @@ class BlockJob(Job, ChildParent):
         self.limit = RateLimit()
         self.iostatus = "ok"
         try:
-            self.add_node("main node", node, perm, shared)
+            self.main = self.add_node("main node", node, perm, shared)
             self.set_speed(speed)
         except QMPError:
             self.early_fail()
@@ -193,20 +193,18 @@ class BlockJob(Job, ChildParent):
         """Whether a busy job still has work in flight (QEMU's .drained_poll)."""
         return True
 
-    def child_aio_context_check(self, child: Child, ctx: AioContext) -> str | None:
-        """The job's nodes move together; one outside the moving part would stay
-        behind, so such a move is refused."""
-        moving = {id(node) for node in self.graph.component(child.node)}
-        if all(id(c.node) in moving for c in self.nodes):
-            return None
-        return (f"Cannot move node '{child.node.node_name}' to another iothread without "
-                f"the other nodes of {self.child_description(child)}")
+    def child_peers(self, child: Child) -> list[BlockNode]:
+        """The job's nodes move between iothreads together."""
+        return [c.node for c in self.nodes]
 
     async def child_aio_context_changed(self, child: Child, ctx: AioContext) -> None:
         self.ctx = ctx
 
     def child_resized(self, child: Child) -> None:
         pass
+
+    def child_op_blocker(self, child: Child) -> str | None:
+        return f"block device is in use by block job: {self.job_type}"
 
     def child_changed(self, child: Child) -> None:
         pass

@@ -218,6 +218,7 @@ class Job:
         self.completion_cb: Callable[[int], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None   # set once started
         self._wakeup: asyncio.Future[None] | None = None
+        self._entered = False    # enter() woke the job; settle() lets it run
         self._timer: asyncio.TimerHandle | None = None
         self._runner: Any = None     # the running task or concurrent future
         with job_lock:
@@ -232,8 +233,9 @@ class Job:
         """The job's work; raise QMPError or OSError to fail with that error."""
         raise NotImplementedError
 
-    def driver_pause(self) -> None:
-        """At a pause point, before the job stops (QEMU's .pause)."""
+    async def driver_pause(self) -> None:
+        """At a pause point, before the job stops (QEMU's .pause: a mirror lets its
+        copies in flight end)."""
 
     def driver_resume(self) -> None:
         """At a pause point, after the job stopped or found no need to (QEMU's .resume)."""
@@ -249,8 +251,9 @@ class Job:
     def driver_complete(self) -> None:
         """job-complete on a ready job (only with ``can_complete``); QMPError refuses."""
 
-    def prepare(self) -> int:
-        """Before a transaction's jobs commit: a negative errno aborts all of them."""
+    async def prepare(self) -> int:
+        """Before a transaction's jobs commit (main loop; it may do I/O, e.g. rewrite an
+        image header): a negative errno aborts all of them."""
         return 0
 
     def commit(self) -> None:
@@ -345,7 +348,19 @@ class Job:
             if condition is not None and not condition():
                 return
             self.busy = True
+            self._entered = True
         loop.call_soon_threadsafe(self._wake)
+
+    async def settle(self) -> None:
+        """After a command entered the job: a job of this loop runs on until it waits
+        again before the command replies, as QEMU enters a job's coroutine at once (a
+        resumed job's 'running' comes before the reply)."""
+        with job_lock:
+            entered, self._entered = self._entered, False
+        if entered and self._loop is asyncio.get_running_loop():
+            # One turn of the loop runs _wake, the next the job's step.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
 
     def _wake(self) -> None:
         with job_lock:
@@ -381,7 +396,7 @@ class Job:
         with job_lock:
             if not self.pause_count or self.force_cancel:
                 return
-        self.driver_pause()
+        await self.driver_pause()
         fut = None
         with job_lock:
             status = self.status
@@ -516,15 +531,15 @@ class Job:
 
     async def _do_finalize(self) -> None:
         for job in self._txn_jobs():
-            if job._prepare():
+            if await job._prepare():
                 await self._txn_abort()
                 return
         for job in self._txn_jobs():
             await job._finalize_single()
 
-    def _prepare(self) -> int:
+    async def _prepare(self) -> int:
         if self.ret == 0:
-            self.ret = self.prepare()
+            self.ret = await self.prepare()
             self._update_rc()
         return self.ret
 

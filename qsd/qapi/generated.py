@@ -1548,6 +1548,38 @@ class BlockJobFinalizeArgs(_base.QAPIModel):
     )
 
 
+class BlockStreamArgs(_base.QAPIModel):
+    """QAPI arguments of BlockStreamArgs."""
+
+    job_id: builtins.str | None = None
+    device: builtins.str
+    base: builtins.str | None = None
+    base_node: builtins.str | None = None
+    backing_file: builtins.str | None = None
+    backing_mask_protocol: builtins.bool | None = None
+    bottom: builtins.str | None = None
+    speed: builtins.int | None = None
+    on_error: BlockdevOnError | None = None
+    filter_node_name: builtins.str | None = None
+    auto_finalize: builtins.bool | None = None
+    auto_dismiss: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('job-id', 'job_id', 'str', True),
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('base', 'base', 'str', True),
+        _base.MemberSpec('base-node', 'base_node', 'str', True),
+        _base.MemberSpec('backing-file', 'backing_file', 'str', True),
+        _base.MemberSpec('backing-mask-protocol', 'backing_mask_protocol', 'bool', True),
+        _base.MemberSpec('bottom', 'bottom', 'str', True),
+        _base.MemberSpec('speed', 'speed', 'int', True),
+        _base.MemberSpec('on-error', 'on_error', 'BlockdevOnError', True),
+        _base.MemberSpec('filter-node-name', 'filter_node_name', 'str', True),
+        _base.MemberSpec('auto-finalize', 'auto_finalize', 'bool', True),
+        _base.MemberSpec('auto-dismiss', 'auto_dismiss', 'bool', True),
+    )
+
+
 class BlockJobCompletedEvent(_base.QAPIModel):
     """QAPI arguments of BlockJobCompletedEvent."""
 
@@ -4866,6 +4898,7 @@ TYPES: dict[str, type] = {
     'BlockJobCompleteArgs': BlockJobCompleteArgs,
     'BlockJobDismissArgs': BlockJobDismissArgs,
     'BlockJobFinalizeArgs': BlockJobFinalizeArgs,
+    'BlockStreamArgs': BlockStreamArgs,
     'BlockJobCompletedEvent': BlockJobCompletedEvent,
     'BlockJobCancelledEvent': BlockJobCancelledEvent,
     'BlockJobErrorEvent': BlockJobErrorEvent,
@@ -5084,6 +5117,7 @@ COMMANDS: dict[str, _base.CommandInfo] = {
     'block-job-complete': _base.CommandInfo('block-job-complete', 'BlockJobCompleteArgs', False, False, None, ('deprecated',)),
     'block-job-dismiss': _base.CommandInfo('block-job-dismiss', 'BlockJobDismissArgs', False, False, None, ('deprecated',)),
     'block-job-finalize': _base.CommandInfo('block-job-finalize', 'BlockJobFinalizeArgs', False, False, None, ('deprecated',)),
+    'block-stream': _base.CommandInfo('block-stream', 'BlockStreamArgs', False, False, None, ()),
     'blockdev-add': _base.CommandInfo('blockdev-add', 'BlockdevOptions', True, False, None, ()),
     'blockdev-del': _base.CommandInfo('blockdev-del', 'BlockdevDelArgs', False, False, None, ()),
     'blockdev-create': _base.CommandInfo('blockdev-create', 'BlockdevCreateArgs', False, False, None, ()),

@@ -599,6 +599,16 @@ class Qcow2Node(BlockNode):
         assert file is not None
         await io.write(file, 0, cluster)
 
+    async def change_backing_file(self, filename: str, backing_format: str) -> None:
+        """A job changed the chain: the header names the new backing file (QEMU's
+        qcow2_change_backing_file, its limits)."""
+        raw_data = self.header.autoclear_features & fmt.AUTOCLEAR_DATA_FILE_RAW
+        if filename and (raw_data or len(filename.encode()) > fmt.MAX_BACKING_FILE_NAME):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        self.backing_file = filename
+        self.backing_format = backing_format
+        await self.update_header()
+
     async def _write_features(self, features: int) -> None:
         file = self.file
         assert file is not None
