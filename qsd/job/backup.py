@@ -78,12 +78,14 @@ class BackupJob(BlockJob):
         self.perf = perf
         self.length = cbw.bcs.length
         self.bcs.progress = self
+        # QEMU sets the estimate as the job starts to run; set here, it is there before
+        # the command replies whichever thread the job runs in.
+        self.progress_set_remaining(self.bcs.dirty_count())
         self.add_node("target", target, 0, PERM_ALL)
 
     # ---- the work ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.progress_set_remaining(self.bcs.dirty_count())
         if self.sync == "top":
             offset = 0
             while offset < self.length:
