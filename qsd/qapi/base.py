@@ -7,7 +7,9 @@ schema exactly, in QEMU's visiting order.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple, Self
+import enum
+import threading
+from typing import Any, ClassVar, NamedTuple, Self, cast
 
 BUILTIN_TYPES = (
     "str", "number", "int", "int8", "int16", "int32", "int64",
@@ -105,3 +107,31 @@ class QAPIModel:
                             for member in self.__qapi_members__
                             if member.attr in self.model_fields_set)
         return f"{type(self).__name__}({members})"
+
+
+class TypeTable(dict[str, type]):
+    """The generated ``TYPES``: every enum, struct and union class by QAPI name.
+
+    Enum classes are made the first time they are looked up: creating an enum costs
+    several times what a plain class does, and a daemon's start needs a few of them.
+    ``name in table`` holds for those not made yet, too.
+    """
+
+    def __init__(self, classes: dict[str, type],
+                 enums: dict[str, tuple[tuple[str, str], ...]], module: str) -> None:
+        super().__init__(classes)
+        self._enums = enums     # enum name -> its (Python name, wire value) members
+        self._module = module
+        self._lock = threading.Lock()   # so that every thread gets the same class
+
+    def __missing__(self, name: str) -> type:
+        members = self._enums[name]
+        with self._lock:
+            if not dict.__contains__(self, name):
+                # The functional form makes a class (the type checker reads it as a lookup).
+                self[name] = cast(type, enum.StrEnum(name, members, module=self._module,
+                                                     qualname=name))
+            return dict.__getitem__(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or name in self._enums

@@ -153,16 +153,20 @@ class Generator:
         classes: dict[str, tuple[list[str], str]] = {}
         late: list[str] = []
         aliases: list[str] = []
+        enum_classes: list[str] = []
+        enums: list[str] = []
         registry: list[tuple[str, str]] = []
         alternates: list[str] = []
         for definition in schema.entities():
             name = definition.name
             if isinstance(definition, EnumDef):
-                body = "\n".join(f"    {enum_member_name(v.name)} = {v.name!r}"
-                                 for v in definition.values) or "    pass"
-                out.append(f"class {name}(enum.StrEnum):\n"
-                           f'    """QAPI enum {name}."""\n\n{body}\n\n')
-                registry.append((name, name))
+                body = "\n".join(f"        {enum_member_name(v.name)} = {v.name!r}"
+                                  for v in definition.values) or "        pass"
+                enum_classes.append(f"    class {name}(enum.StrEnum):\n"
+                                    f'        """QAPI enum {name}."""\n\n{body}\n')
+                members = "".join(f"({enum_member_name(v.name)!r}, {v.name!r}), "
+                                  for v in definition.values)
+                enums.append(f"    {name!r}: ({members}),")
             elif isinstance(definition, StructDef):
                 if name not in self.py_names:
                     continue    # an inline union base: the union class holds it
@@ -197,7 +201,11 @@ class Generator:
                     variants.append(f"{value!r}: {vname}")
                 late.append(f"{name}.__qapi_variants__ = {{{', '.join(variants)}}}")
             elif isinstance(definition, AlternateDef):
-                members = ", ".join(self.annotation(t) for _, t in definition.variants)
+                # An enum branch is named as a string: enum classes exist at run time
+                # only once made (see the enum section).
+                members = ", ".join(repr(self.annotation(t))
+                                    if isinstance(schema.types.get(t), EnumDef)
+                                    else self.annotation(t) for _, t in definition.variants)
                 aliases.append(f"{name}: typing.TypeAlias = typing.Union[{members}]")
                 branches = "".join(f"({b!r}, {t!r}), " for b, t in definition.variants)
                 alternates.append(f"    {name!r}: ({branches}),")
@@ -219,6 +227,18 @@ class Generator:
                     emitted.append(py)
             out.append(classes[py][1] + "\n")
 
+        out.append("# Enums: the type checker sees the classes; at run time each is made from")
+        out.append("# ENUMS when first used (TYPES[name] or this module's attribute).")
+        out.append("if typing.TYPE_CHECKING:")
+        out += enum_classes
+        out += ["else:",
+                "    def __getattr__(name: str) -> type:",
+                "        if name not in ENUMS:",
+                "            raise AttributeError(",
+                '                f"module {__name__!r} has no attribute {name!r}")',
+                "        cls = globals()[name] = TYPES[name]",
+                "        return cls",
+                "", ""]
         for py in classes:
             emit(py)
         out.append("# Alternates: a value is one of the branch types.")
@@ -226,11 +246,15 @@ class Generator:
         out += ["", ""]
         out += late
         out += ["", ""]
+        out.append("#: Enum name -> ((Python name, wire value), ...) of its members.")
+        out.append("ENUMS: dict[str, tuple[tuple[str, str], ...]] = {")
+        out += enums
+        out += ["}", ""]
         out.append("#: Every enum, struct and union class by QAPI name (argument classes by"
                    " Python name).")
-        out.append("TYPES: dict[str, type] = {")
+        out.append("TYPES: _base.TypeTable = _base.TypeTable({")
         out += [f"    {q!r}: {p}," for q, p in registry]
-        out += ["}", "", "#: Alternate name -> ((branch name, QAPI type), ...).",
+        out += ["}, ENUMS, __name__)", "", "#: Alternate name -> ((branch name, QAPI type), ...).",
                 "ALTERNATES: dict[str, tuple[tuple[str, str], ...]] = {"]
         out += alternates
         out += ["}", "", "#: Every command, in schema order.",

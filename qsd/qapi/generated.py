@@ -12,487 +12,451 @@ import typing
 from qsd.qapi import base as _base
 
 
-class QAuthZListPolicy(enum.StrEnum):
-    """QAPI enum QAuthZListPolicy."""
+# Enums: the type checker sees the classes; at run time each is made from
+# ENUMS when first used (TYPES[name] or this module's attribute).
+if typing.TYPE_CHECKING:
+    class QAuthZListPolicy(enum.StrEnum):
+        """QAPI enum QAuthZListPolicy."""
 
-    deny = 'deny'
-    allow = 'allow'
+        deny = 'deny'
+        allow = 'allow'
 
+    class QAuthZListFormat(enum.StrEnum):
+        """QAPI enum QAuthZListFormat."""
 
-class QAuthZListFormat(enum.StrEnum):
-    """QAPI enum QAuthZListFormat."""
+        exact = 'exact'
+        glob = 'glob'
 
-    exact = 'exact'
-    glob = 'glob'
+    class RbdImageEncryptionFormat(enum.StrEnum):
+        """QAPI enum RbdImageEncryptionFormat."""
 
+        luks = 'luks'
+        luks2 = 'luks2'
+        luks_any = 'luks-any'
 
-class RbdImageEncryptionFormat(enum.StrEnum):
-    """QAPI enum RbdImageEncryptionFormat."""
+    class Qcow2CompressionType(enum.StrEnum):
+        """QAPI enum Qcow2CompressionType."""
 
-    luks = 'luks'
-    luks2 = 'luks2'
-    luks_any = 'luks-any'
+        zlib = 'zlib'
+        zstd = 'zstd'
 
+    class Qcow2BitmapInfoFlags(enum.StrEnum):
+        """QAPI enum Qcow2BitmapInfoFlags."""
 
-class Qcow2CompressionType(enum.StrEnum):
-    """QAPI enum Qcow2CompressionType."""
+        in_use = 'in-use'
+        auto = 'auto'
 
-    zlib = 'zlib'
-    zstd = 'zstd'
+    class ImageInfoSpecificKind(enum.StrEnum):
+        """QAPI enum ImageInfoSpecificKind."""
 
+        qcow2 = 'qcow2'
+        rbd = 'rbd'
+        file = 'file'
 
-class Qcow2BitmapInfoFlags(enum.StrEnum):
-    """QAPI enum Qcow2BitmapInfoFlags."""
-
-    in_use = 'in-use'
-    auto = 'auto'
-
-
-class ImageInfoSpecificKind(enum.StrEnum):
-    """QAPI enum ImageInfoSpecificKind."""
-
-    qcow2 = 'qcow2'
-    rbd = 'rbd'
-    file = 'file'
-
-
-class BlockdevDetectZeroesOptions(enum.StrEnum):
-    """QAPI enum BlockdevDetectZeroesOptions."""
-
-    off = 'off'
-    on = 'on'
-    unmap = 'unmap'
-
-
-class BlockDeviceIoStatus(enum.StrEnum):
-    """QAPI enum BlockDeviceIoStatus."""
-
-    ok = 'ok'
-    failed = 'failed'
-    nospace = 'nospace'
-
-
-class XDbgBlockGraphNodeType(enum.StrEnum):
-    """QAPI enum XDbgBlockGraphNodeType."""
-
-    block_backend = 'block-backend'
-    block_job = 'block-job'
-    block_driver = 'block-driver'
-
-
-class BlockPermission(enum.StrEnum):
-    """QAPI enum BlockPermission."""
-
-    consistent_read = 'consistent-read'
-    write = 'write'
-    write_unchanged = 'write-unchanged'
-    resize = 'resize'
-
-
-class BlockErrorAction(enum.StrEnum):
-    """QAPI enum BlockErrorAction."""
-
-    ignore = 'ignore'
-    report = 'report'
-    stop = 'stop'
-
-
-class BlockdevOnError(enum.StrEnum):
-    """QAPI enum BlockdevOnError."""
-
-    report = 'report'
-    ignore = 'ignore'
-    enospc = 'enospc'
-    stop = 'stop'
-    auto = 'auto'
-
-
-class MirrorSyncMode(enum.StrEnum):
-    """QAPI enum MirrorSyncMode."""
-
-    top = 'top'
-    full = 'full'
-    none = 'none'
-    incremental = 'incremental'
-    bitmap = 'bitmap'
-
-
-class BitmapSyncMode(enum.StrEnum):
-    """QAPI enum BitmapSyncMode."""
-
-    on_success = 'on-success'
-    never = 'never'
-    always = 'always'
-
-
-class BlockdevDiscardOptions(enum.StrEnum):
-    """QAPI enum BlockdevDiscardOptions."""
-
-    ignore = 'ignore'
-    unmap = 'unmap'
-
-
-class BlockdevAioOptions(enum.StrEnum):
-    """QAPI enum BlockdevAioOptions."""
-
-    threads = 'threads'
-    native = 'native'
-    io_uring = 'io_uring'
-
-
-class BlockdevDriver(enum.StrEnum):
-    """QAPI enum BlockdevDriver."""
-
-    blkdebug = 'blkdebug'
-    copy_before_write = 'copy-before-write'
-    file = 'file'
-    snapshot_access = 'snapshot-access'
-    nbd = 'nbd'
-    null_aio = 'null-aio'
-    null_co = 'null-co'
-    qcow2 = 'qcow2'
-    raw = 'raw'
-    rbd = 'rbd'
-    throttle = 'throttle'
-
-
-class BlkdebugEvent(enum.StrEnum):
-    """QAPI enum BlkdebugEvent."""
-
-    l1_update = 'l1_update'
-    l1_grow_alloc_table = 'l1_grow_alloc_table'
-    l1_grow_write_table = 'l1_grow_write_table'
-    l1_grow_activate_table = 'l1_grow_activate_table'
-    l2_load = 'l2_load'
-    l2_update = 'l2_update'
-    l2_update_compressed = 'l2_update_compressed'
-    l2_alloc_cow_read = 'l2_alloc_cow_read'
-    l2_alloc_write = 'l2_alloc_write'
-    read_aio = 'read_aio'
-    read_backing_aio = 'read_backing_aio'
-    read_compressed = 'read_compressed'
-    write_aio = 'write_aio'
-    write_compressed = 'write_compressed'
-    vmstate_load = 'vmstate_load'
-    vmstate_save = 'vmstate_save'
-    cow_read = 'cow_read'
-    cow_write = 'cow_write'
-    reftable_load = 'reftable_load'
-    reftable_grow = 'reftable_grow'
-    reftable_update = 'reftable_update'
-    refblock_load = 'refblock_load'
-    refblock_update = 'refblock_update'
-    refblock_update_part = 'refblock_update_part'
-    refblock_alloc = 'refblock_alloc'
-    refblock_alloc_hookup = 'refblock_alloc_hookup'
-    refblock_alloc_write = 'refblock_alloc_write'
-    refblock_alloc_write_blocks = 'refblock_alloc_write_blocks'
-    refblock_alloc_write_table = 'refblock_alloc_write_table'
-    refblock_alloc_switch_table = 'refblock_alloc_switch_table'
-    cluster_alloc = 'cluster_alloc'
-    cluster_alloc_bytes = 'cluster_alloc_bytes'
-    cluster_free = 'cluster_free'
-    flush_to_os = 'flush_to_os'
-    flush_to_disk = 'flush_to_disk'
-    pwritev_rmw_head = 'pwritev_rmw_head'
-    pwritev_rmw_after_head = 'pwritev_rmw_after_head'
-    pwritev_rmw_tail = 'pwritev_rmw_tail'
-    pwritev_rmw_after_tail = 'pwritev_rmw_after_tail'
-    pwritev = 'pwritev'
-    pwritev_zero = 'pwritev_zero'
-    pwritev_done = 'pwritev_done'
-    empty_image_prepare = 'empty_image_prepare'
-    l1_shrink_write_table = 'l1_shrink_write_table'
-    l1_shrink_free_l2_clusters = 'l1_shrink_free_l2_clusters'
-    cor_write = 'cor_write'
-    cluster_alloc_space = 'cluster_alloc_space'
-    none = 'none'
-
-
-class BlkdebugIOType(enum.StrEnum):
-    """QAPI enum BlkdebugIOType."""
-
-    read = 'read'
-    write = 'write'
-    write_zeroes = 'write-zeroes'
-    discard = 'discard'
-    flush = 'flush'
-    block_status = 'block-status'
-
-
-class RbdAuthMode(enum.StrEnum):
-    """QAPI enum RbdAuthMode."""
-
-    cephx = 'cephx'
-    none = 'none'
-
-
-class OnCbwError(enum.StrEnum):
-    """QAPI enum OnCbwError."""
-
-    break_guest_write = 'break-guest-write'
-    break_snapshot = 'break-snapshot'
-
-
-class Qcow2OverlapCheckMode(enum.StrEnum):
-    """QAPI enum Qcow2OverlapCheckMode."""
-
-    none = 'none'
-    constant = 'constant'
-    cached = 'cached'
-    all = 'all'
-
-
-class BlockdevQcow2EncryptionFormat(enum.StrEnum):
-    """QAPI enum BlockdevQcow2EncryptionFormat."""
-
-    aes = 'aes'
-    luks = 'luks'
-
-
-class PreallocMode(enum.StrEnum):
-    """QAPI enum PreallocMode."""
-
-    off = 'off'
-    metadata = 'metadata'
-    falloc = 'falloc'
-    full = 'full'
-
-
-class BlockdevQcow2Version(enum.StrEnum):
-    """QAPI enum BlockdevQcow2Version."""
-
-    v2 = 'v2'
-    v3 = 'v3'
-
-
-class IoOperationType(enum.StrEnum):
-    """QAPI enum IoOperationType."""
-
-    read = 'read'
-    write = 'write'
-
-
-class OnOffAuto(enum.StrEnum):
-    """QAPI enum OnOffAuto."""
-
-    auto = 'auto'
-    on = 'on'
-    off = 'off'
-
-
-class OnOffSplit(enum.StrEnum):
-    """QAPI enum OnOffSplit."""
-
-    on = 'on'
-    off = 'off'
-    split_ = 'split'
-
-
-class JobType(enum.StrEnum):
-    """QAPI enum JobType."""
-
-    commit = 'commit'
-    stream = 'stream'
-    mirror = 'mirror'
-    backup = 'backup'
-    create = 'create'
-    amend = 'amend'
-    snapshot_load = 'snapshot-load'
-    snapshot_save = 'snapshot-save'
-    snapshot_delete = 'snapshot-delete'
-
-
-class JobStatus(enum.StrEnum):
-    """QAPI enum JobStatus."""
-
-    undefined = 'undefined'
-    created = 'created'
-    running = 'running'
-    paused = 'paused'
-    ready = 'ready'
-    standby = 'standby'
-    waiting = 'waiting'
-    pending = 'pending'
-    aborting = 'aborting'
-    concluded = 'concluded'
-    null = 'null'
-
-
-class JobVerb(enum.StrEnum):
-    """QAPI enum JobVerb."""
-
-    cancel = 'cancel'
-    pause = 'pause'
-    resume = 'resume'
-    set_speed = 'set-speed'
-    complete = 'complete'
-    dismiss = 'dismiss'
-    finalize = 'finalize'
-    change = 'change'
-
-
-class NetworkAddressFamily(enum.StrEnum):
-    """QAPI enum NetworkAddressFamily."""
-
-    ipv4 = 'ipv4'
-    ipv6 = 'ipv6'
-    unix = 'unix'
-    vsock = 'vsock'
-    unknown = 'unknown'
-
-
-class SocketAddressType(enum.StrEnum):
-    """QAPI enum SocketAddressType."""
-
-    inet = 'inet'
-    unix = 'unix'
-    vsock = 'vsock'
-    fd = 'fd'
-
-
-class FuseExportAllowOther(enum.StrEnum):
-    """QAPI enum FuseExportAllowOther."""
-
-    off = 'off'
-    on = 'on'
-    auto = 'auto'
-
-
-class BlockExportRemoveMode(enum.StrEnum):
-    """QAPI enum BlockExportRemoveMode."""
-
-    safe = 'safe'
-    hard = 'hard'
-
-
-class BlockExportType(enum.StrEnum):
-    """QAPI enum BlockExportType."""
-
-    nbd = 'nbd'
-    vhost_user_blk = 'vhost-user-blk'
-    fuse = 'fuse'
-
-
-class ChardevBackendKind(enum.StrEnum):
-    """QAPI enum ChardevBackendKind."""
-
-    file = 'file'
-    socket = 'socket'
-    null = 'null'
-    stdio = 'stdio'
-
-
-class ActionCompletionMode(enum.StrEnum):
-    """QAPI enum ActionCompletionMode."""
-
-    individual = 'individual'
-    grouped = 'grouped'
-
-
-class TransactionActionKind(enum.StrEnum):
-    """QAPI enum TransactionActionKind."""
-
-    abort = 'abort'
-    block_dirty_bitmap_add = 'block-dirty-bitmap-add'
-    block_dirty_bitmap_remove = 'block-dirty-bitmap-remove'
-    block_dirty_bitmap_clear = 'block-dirty-bitmap-clear'
-    block_dirty_bitmap_enable = 'block-dirty-bitmap-enable'
-    block_dirty_bitmap_disable = 'block-dirty-bitmap-disable'
-    block_dirty_bitmap_merge = 'block-dirty-bitmap-merge'
-    blockdev_backup = 'blockdev-backup'
-    blockdev_snapshot = 'blockdev-snapshot'
-
-
-class QMPCapability(enum.StrEnum):
-    """QAPI enum QMPCapability."""
-
-    oob = 'oob'
-
-
-class MonitorMode(enum.StrEnum):
-    """QAPI enum MonitorMode."""
-
-    readline = 'readline'
-    control = 'control'
-
-
-class MonitorQMPCloseAction(enum.StrEnum):
-    """QAPI enum MonitorQMPCloseAction."""
-
-    none = 'none'
-    delete = 'delete'
-
-
-class QCryptoTLSCredsEndpoint(enum.StrEnum):
-    """QAPI enum QCryptoTLSCredsEndpoint."""
-
-    client = 'client'
-    server = 'server'
-
-
-class QCryptoCipherAlgo(enum.StrEnum):
-    """QAPI enum QCryptoCipherAlgo."""
-
-    aes_128 = 'aes-128'
-    aes_192 = 'aes-192'
-    aes_256 = 'aes-256'
-    des = 'des'
-    _3des = '3des'
-    cast5_128 = 'cast5-128'
-    serpent_128 = 'serpent-128'
-    serpent_192 = 'serpent-192'
-    serpent_256 = 'serpent-256'
-    twofish_128 = 'twofish-128'
-    twofish_192 = 'twofish-192'
-    twofish_256 = 'twofish-256'
-    sm4 = 'sm4'
-
-
-class QCryptoSecretFormat(enum.StrEnum):
-    """QAPI enum QCryptoSecretFormat."""
-
-    raw = 'raw'
-    base64 = 'base64'
-
-
-class SchemaMetaType(enum.StrEnum):
-    """QAPI enum SchemaMetaType."""
-
-    builtin = 'builtin'
-    enum = 'enum'
-    array = 'array'
-    object = 'object'
-    alternate = 'alternate'
-    command = 'command'
-    event = 'event'
-
-
-class JSONType(enum.StrEnum):
-    """QAPI enum JSONType."""
-
-    string = 'string'
-    number = 'number'
-    int = 'int'
-    boolean = 'boolean'
-    null = 'null'
-    object = 'object'
-    array = 'array'
-    value_ = 'value'
-
-
-class ObjectType(enum.StrEnum):
-    """QAPI enum ObjectType."""
-
-    authz_list = 'authz-list'
-    authz_listfile = 'authz-listfile'
-    authz_simple = 'authz-simple'
-    iothread = 'iothread'
-    main_loop = 'main-loop'
-    secret = 'secret'
-    throttle_group = 'throttle-group'
-    tls_creds_psk = 'tls-creds-psk'
-    tls_creds_x509 = 'tls-creds-x509'
+    class BlockdevDetectZeroesOptions(enum.StrEnum):
+        """QAPI enum BlockdevDetectZeroesOptions."""
+
+        off = 'off'
+        on = 'on'
+        unmap = 'unmap'
+
+    class BlockDeviceIoStatus(enum.StrEnum):
+        """QAPI enum BlockDeviceIoStatus."""
+
+        ok = 'ok'
+        failed = 'failed'
+        nospace = 'nospace'
+
+    class XDbgBlockGraphNodeType(enum.StrEnum):
+        """QAPI enum XDbgBlockGraphNodeType."""
+
+        block_backend = 'block-backend'
+        block_job = 'block-job'
+        block_driver = 'block-driver'
+
+    class BlockPermission(enum.StrEnum):
+        """QAPI enum BlockPermission."""
+
+        consistent_read = 'consistent-read'
+        write = 'write'
+        write_unchanged = 'write-unchanged'
+        resize = 'resize'
+
+    class BlockErrorAction(enum.StrEnum):
+        """QAPI enum BlockErrorAction."""
+
+        ignore = 'ignore'
+        report = 'report'
+        stop = 'stop'
+
+    class BlockdevOnError(enum.StrEnum):
+        """QAPI enum BlockdevOnError."""
+
+        report = 'report'
+        ignore = 'ignore'
+        enospc = 'enospc'
+        stop = 'stop'
+        auto = 'auto'
+
+    class MirrorSyncMode(enum.StrEnum):
+        """QAPI enum MirrorSyncMode."""
+
+        top = 'top'
+        full = 'full'
+        none = 'none'
+        incremental = 'incremental'
+        bitmap = 'bitmap'
+
+    class BitmapSyncMode(enum.StrEnum):
+        """QAPI enum BitmapSyncMode."""
+
+        on_success = 'on-success'
+        never = 'never'
+        always = 'always'
+
+    class BlockdevDiscardOptions(enum.StrEnum):
+        """QAPI enum BlockdevDiscardOptions."""
+
+        ignore = 'ignore'
+        unmap = 'unmap'
+
+    class BlockdevAioOptions(enum.StrEnum):
+        """QAPI enum BlockdevAioOptions."""
+
+        threads = 'threads'
+        native = 'native'
+        io_uring = 'io_uring'
+
+    class BlockdevDriver(enum.StrEnum):
+        """QAPI enum BlockdevDriver."""
+
+        blkdebug = 'blkdebug'
+        copy_before_write = 'copy-before-write'
+        file = 'file'
+        snapshot_access = 'snapshot-access'
+        nbd = 'nbd'
+        null_aio = 'null-aio'
+        null_co = 'null-co'
+        qcow2 = 'qcow2'
+        raw = 'raw'
+        rbd = 'rbd'
+        throttle = 'throttle'
+
+    class BlkdebugEvent(enum.StrEnum):
+        """QAPI enum BlkdebugEvent."""
+
+        l1_update = 'l1_update'
+        l1_grow_alloc_table = 'l1_grow_alloc_table'
+        l1_grow_write_table = 'l1_grow_write_table'
+        l1_grow_activate_table = 'l1_grow_activate_table'
+        l2_load = 'l2_load'
+        l2_update = 'l2_update'
+        l2_update_compressed = 'l2_update_compressed'
+        l2_alloc_cow_read = 'l2_alloc_cow_read'
+        l2_alloc_write = 'l2_alloc_write'
+        read_aio = 'read_aio'
+        read_backing_aio = 'read_backing_aio'
+        read_compressed = 'read_compressed'
+        write_aio = 'write_aio'
+        write_compressed = 'write_compressed'
+        vmstate_load = 'vmstate_load'
+        vmstate_save = 'vmstate_save'
+        cow_read = 'cow_read'
+        cow_write = 'cow_write'
+        reftable_load = 'reftable_load'
+        reftable_grow = 'reftable_grow'
+        reftable_update = 'reftable_update'
+        refblock_load = 'refblock_load'
+        refblock_update = 'refblock_update'
+        refblock_update_part = 'refblock_update_part'
+        refblock_alloc = 'refblock_alloc'
+        refblock_alloc_hookup = 'refblock_alloc_hookup'
+        refblock_alloc_write = 'refblock_alloc_write'
+        refblock_alloc_write_blocks = 'refblock_alloc_write_blocks'
+        refblock_alloc_write_table = 'refblock_alloc_write_table'
+        refblock_alloc_switch_table = 'refblock_alloc_switch_table'
+        cluster_alloc = 'cluster_alloc'
+        cluster_alloc_bytes = 'cluster_alloc_bytes'
+        cluster_free = 'cluster_free'
+        flush_to_os = 'flush_to_os'
+        flush_to_disk = 'flush_to_disk'
+        pwritev_rmw_head = 'pwritev_rmw_head'
+        pwritev_rmw_after_head = 'pwritev_rmw_after_head'
+        pwritev_rmw_tail = 'pwritev_rmw_tail'
+        pwritev_rmw_after_tail = 'pwritev_rmw_after_tail'
+        pwritev = 'pwritev'
+        pwritev_zero = 'pwritev_zero'
+        pwritev_done = 'pwritev_done'
+        empty_image_prepare = 'empty_image_prepare'
+        l1_shrink_write_table = 'l1_shrink_write_table'
+        l1_shrink_free_l2_clusters = 'l1_shrink_free_l2_clusters'
+        cor_write = 'cor_write'
+        cluster_alloc_space = 'cluster_alloc_space'
+        none = 'none'
+
+    class BlkdebugIOType(enum.StrEnum):
+        """QAPI enum BlkdebugIOType."""
+
+        read = 'read'
+        write = 'write'
+        write_zeroes = 'write-zeroes'
+        discard = 'discard'
+        flush = 'flush'
+        block_status = 'block-status'
+
+    class RbdAuthMode(enum.StrEnum):
+        """QAPI enum RbdAuthMode."""
+
+        cephx = 'cephx'
+        none = 'none'
+
+    class OnCbwError(enum.StrEnum):
+        """QAPI enum OnCbwError."""
+
+        break_guest_write = 'break-guest-write'
+        break_snapshot = 'break-snapshot'
+
+    class Qcow2OverlapCheckMode(enum.StrEnum):
+        """QAPI enum Qcow2OverlapCheckMode."""
+
+        none = 'none'
+        constant = 'constant'
+        cached = 'cached'
+        all = 'all'
+
+    class BlockdevQcow2EncryptionFormat(enum.StrEnum):
+        """QAPI enum BlockdevQcow2EncryptionFormat."""
+
+        aes = 'aes'
+        luks = 'luks'
+
+    class PreallocMode(enum.StrEnum):
+        """QAPI enum PreallocMode."""
+
+        off = 'off'
+        metadata = 'metadata'
+        falloc = 'falloc'
+        full = 'full'
+
+    class BlockdevQcow2Version(enum.StrEnum):
+        """QAPI enum BlockdevQcow2Version."""
+
+        v2 = 'v2'
+        v3 = 'v3'
+
+    class IoOperationType(enum.StrEnum):
+        """QAPI enum IoOperationType."""
+
+        read = 'read'
+        write = 'write'
+
+    class OnOffAuto(enum.StrEnum):
+        """QAPI enum OnOffAuto."""
+
+        auto = 'auto'
+        on = 'on'
+        off = 'off'
+
+    class OnOffSplit(enum.StrEnum):
+        """QAPI enum OnOffSplit."""
+
+        on = 'on'
+        off = 'off'
+        split_ = 'split'
+
+    class JobType(enum.StrEnum):
+        """QAPI enum JobType."""
+
+        commit = 'commit'
+        stream = 'stream'
+        mirror = 'mirror'
+        backup = 'backup'
+        create = 'create'
+        amend = 'amend'
+        snapshot_load = 'snapshot-load'
+        snapshot_save = 'snapshot-save'
+        snapshot_delete = 'snapshot-delete'
+
+    class JobStatus(enum.StrEnum):
+        """QAPI enum JobStatus."""
+
+        undefined = 'undefined'
+        created = 'created'
+        running = 'running'
+        paused = 'paused'
+        ready = 'ready'
+        standby = 'standby'
+        waiting = 'waiting'
+        pending = 'pending'
+        aborting = 'aborting'
+        concluded = 'concluded'
+        null = 'null'
+
+    class JobVerb(enum.StrEnum):
+        """QAPI enum JobVerb."""
+
+        cancel = 'cancel'
+        pause = 'pause'
+        resume = 'resume'
+        set_speed = 'set-speed'
+        complete = 'complete'
+        dismiss = 'dismiss'
+        finalize = 'finalize'
+        change = 'change'
+
+    class NetworkAddressFamily(enum.StrEnum):
+        """QAPI enum NetworkAddressFamily."""
+
+        ipv4 = 'ipv4'
+        ipv6 = 'ipv6'
+        unix = 'unix'
+        vsock = 'vsock'
+        unknown = 'unknown'
+
+    class SocketAddressType(enum.StrEnum):
+        """QAPI enum SocketAddressType."""
+
+        inet = 'inet'
+        unix = 'unix'
+        vsock = 'vsock'
+        fd = 'fd'
+
+    class FuseExportAllowOther(enum.StrEnum):
+        """QAPI enum FuseExportAllowOther."""
+
+        off = 'off'
+        on = 'on'
+        auto = 'auto'
+
+    class BlockExportRemoveMode(enum.StrEnum):
+        """QAPI enum BlockExportRemoveMode."""
+
+        safe = 'safe'
+        hard = 'hard'
+
+    class BlockExportType(enum.StrEnum):
+        """QAPI enum BlockExportType."""
+
+        nbd = 'nbd'
+        vhost_user_blk = 'vhost-user-blk'
+        fuse = 'fuse'
+
+    class ChardevBackendKind(enum.StrEnum):
+        """QAPI enum ChardevBackendKind."""
+
+        file = 'file'
+        socket = 'socket'
+        null = 'null'
+        stdio = 'stdio'
+
+    class ActionCompletionMode(enum.StrEnum):
+        """QAPI enum ActionCompletionMode."""
+
+        individual = 'individual'
+        grouped = 'grouped'
+
+    class TransactionActionKind(enum.StrEnum):
+        """QAPI enum TransactionActionKind."""
+
+        abort = 'abort'
+        block_dirty_bitmap_add = 'block-dirty-bitmap-add'
+        block_dirty_bitmap_remove = 'block-dirty-bitmap-remove'
+        block_dirty_bitmap_clear = 'block-dirty-bitmap-clear'
+        block_dirty_bitmap_enable = 'block-dirty-bitmap-enable'
+        block_dirty_bitmap_disable = 'block-dirty-bitmap-disable'
+        block_dirty_bitmap_merge = 'block-dirty-bitmap-merge'
+        blockdev_backup = 'blockdev-backup'
+        blockdev_snapshot = 'blockdev-snapshot'
+
+    class QMPCapability(enum.StrEnum):
+        """QAPI enum QMPCapability."""
+
+        oob = 'oob'
+
+    class MonitorMode(enum.StrEnum):
+        """QAPI enum MonitorMode."""
+
+        readline = 'readline'
+        control = 'control'
+
+    class MonitorQMPCloseAction(enum.StrEnum):
+        """QAPI enum MonitorQMPCloseAction."""
+
+        none = 'none'
+        delete = 'delete'
+
+    class QCryptoTLSCredsEndpoint(enum.StrEnum):
+        """QAPI enum QCryptoTLSCredsEndpoint."""
+
+        client = 'client'
+        server = 'server'
+
+    class QCryptoCipherAlgo(enum.StrEnum):
+        """QAPI enum QCryptoCipherAlgo."""
+
+        aes_128 = 'aes-128'
+        aes_192 = 'aes-192'
+        aes_256 = 'aes-256'
+        des = 'des'
+        _3des = '3des'
+        cast5_128 = 'cast5-128'
+        serpent_128 = 'serpent-128'
+        serpent_192 = 'serpent-192'
+        serpent_256 = 'serpent-256'
+        twofish_128 = 'twofish-128'
+        twofish_192 = 'twofish-192'
+        twofish_256 = 'twofish-256'
+        sm4 = 'sm4'
+
+    class QCryptoSecretFormat(enum.StrEnum):
+        """QAPI enum QCryptoSecretFormat."""
+
+        raw = 'raw'
+        base64 = 'base64'
+
+    class SchemaMetaType(enum.StrEnum):
+        """QAPI enum SchemaMetaType."""
+
+        builtin = 'builtin'
+        enum = 'enum'
+        array = 'array'
+        object = 'object'
+        alternate = 'alternate'
+        command = 'command'
+        event = 'event'
+
+    class JSONType(enum.StrEnum):
+        """QAPI enum JSONType."""
+
+        string = 'string'
+        number = 'number'
+        int = 'int'
+        boolean = 'boolean'
+        null = 'null'
+        object = 'object'
+        array = 'array'
+        value_ = 'value'
+
+    class ObjectType(enum.StrEnum):
+        """QAPI enum ObjectType."""
+
+        authz_list = 'authz-list'
+        authz_listfile = 'authz-listfile'
+        authz_simple = 'authz-simple'
+        iothread = 'iothread'
+        main_loop = 'main-loop'
+        secret = 'secret'
+        throttle_group = 'throttle-group'
+        tls_creds_psk = 'tls-creds-psk'
+        tls_creds_x509 = 'tls-creds-x509'
+
+else:
+    def __getattr__(name: str) -> type:
+        if name not in ENUMS:
+            raise AttributeError(
+                f"module {__name__!r} has no attribute {name!r}")
+        cls = globals()[name] = TYPES[name]
+        return cls
 
 
 class QAuthZListRule(_base.QAPIModel):
@@ -4807,7 +4771,7 @@ class NbdServerStartArgs(NbdServerOptionsLegacy):
 BlockDirtyBitmapOrStr: typing.TypeAlias = typing.Union[builtins.str, BlockDirtyBitmap]
 BlockdevRef: typing.TypeAlias = typing.Union[BlockdevOptions, builtins.str]
 BlockdevRefOrNull: typing.TypeAlias = typing.Union[BlockdevOptions, builtins.str, None]
-Qcow2OverlapChecks: typing.TypeAlias = typing.Union[Qcow2OverlapCheckFlags, Qcow2OverlapCheckMode]
+Qcow2OverlapChecks: typing.TypeAlias = typing.Union[Qcow2OverlapCheckFlags, 'Qcow2OverlapCheckMode']
 StrOrNull: typing.TypeAlias = typing.Union[builtins.str, None]
 BlockExportIothreads: typing.TypeAlias = typing.Union[builtins.str, list[builtins.str]]
 
@@ -4830,10 +4794,60 @@ SchemaInfo.__qapi_variants__ = {'builtin': SchemaInfoVariantBuiltin, 'enum': Sch
 ObjectOptions.__qapi_variants__ = {'authz-list': ObjectOptionsVariantAuthzList, 'authz-listfile': ObjectOptionsVariantAuthzListfile, 'authz-simple': ObjectOptionsVariantAuthzSimple, 'iothread': ObjectOptionsVariantIothread, 'main-loop': ObjectOptionsVariantMainLoop, 'secret': ObjectOptionsVariantSecret, 'throttle-group': ObjectOptionsVariantThrottleGroup, 'tls-creds-psk': ObjectOptionsVariantTlsCredsPsk, 'tls-creds-x509': ObjectOptionsVariantTlsCredsX509}
 
 
+#: Enum name -> ((Python name, wire value), ...) of its members.
+ENUMS: dict[str, tuple[tuple[str, str], ...]] = {
+    'QAuthZListPolicy': (('deny', 'deny'), ('allow', 'allow'), ),
+    'QAuthZListFormat': (('exact', 'exact'), ('glob', 'glob'), ),
+    'RbdImageEncryptionFormat': (('luks', 'luks'), ('luks2', 'luks2'), ('luks_any', 'luks-any'), ),
+    'Qcow2CompressionType': (('zlib', 'zlib'), ('zstd', 'zstd'), ),
+    'Qcow2BitmapInfoFlags': (('in_use', 'in-use'), ('auto', 'auto'), ),
+    'ImageInfoSpecificKind': (('qcow2', 'qcow2'), ('rbd', 'rbd'), ('file', 'file'), ),
+    'BlockdevDetectZeroesOptions': (('off', 'off'), ('on', 'on'), ('unmap', 'unmap'), ),
+    'BlockDeviceIoStatus': (('ok', 'ok'), ('failed', 'failed'), ('nospace', 'nospace'), ),
+    'XDbgBlockGraphNodeType': (('block_backend', 'block-backend'), ('block_job', 'block-job'), ('block_driver', 'block-driver'), ),
+    'BlockPermission': (('consistent_read', 'consistent-read'), ('write', 'write'), ('write_unchanged', 'write-unchanged'), ('resize', 'resize'), ),
+    'BlockErrorAction': (('ignore', 'ignore'), ('report', 'report'), ('stop', 'stop'), ),
+    'BlockdevOnError': (('report', 'report'), ('ignore', 'ignore'), ('enospc', 'enospc'), ('stop', 'stop'), ('auto', 'auto'), ),
+    'MirrorSyncMode': (('top', 'top'), ('full', 'full'), ('none', 'none'), ('incremental', 'incremental'), ('bitmap', 'bitmap'), ),
+    'BitmapSyncMode': (('on_success', 'on-success'), ('never', 'never'), ('always', 'always'), ),
+    'BlockdevDiscardOptions': (('ignore', 'ignore'), ('unmap', 'unmap'), ),
+    'BlockdevAioOptions': (('threads', 'threads'), ('native', 'native'), ('io_uring', 'io_uring'), ),
+    'BlockdevDriver': (('blkdebug', 'blkdebug'), ('copy_before_write', 'copy-before-write'), ('file', 'file'), ('snapshot_access', 'snapshot-access'), ('nbd', 'nbd'), ('null_aio', 'null-aio'), ('null_co', 'null-co'), ('qcow2', 'qcow2'), ('raw', 'raw'), ('rbd', 'rbd'), ('throttle', 'throttle'), ),
+    'BlkdebugEvent': (('l1_update', 'l1_update'), ('l1_grow_alloc_table', 'l1_grow_alloc_table'), ('l1_grow_write_table', 'l1_grow_write_table'), ('l1_grow_activate_table', 'l1_grow_activate_table'), ('l2_load', 'l2_load'), ('l2_update', 'l2_update'), ('l2_update_compressed', 'l2_update_compressed'), ('l2_alloc_cow_read', 'l2_alloc_cow_read'), ('l2_alloc_write', 'l2_alloc_write'), ('read_aio', 'read_aio'), ('read_backing_aio', 'read_backing_aio'), ('read_compressed', 'read_compressed'), ('write_aio', 'write_aio'), ('write_compressed', 'write_compressed'), ('vmstate_load', 'vmstate_load'), ('vmstate_save', 'vmstate_save'), ('cow_read', 'cow_read'), ('cow_write', 'cow_write'), ('reftable_load', 'reftable_load'), ('reftable_grow', 'reftable_grow'), ('reftable_update', 'reftable_update'), ('refblock_load', 'refblock_load'), ('refblock_update', 'refblock_update'), ('refblock_update_part', 'refblock_update_part'), ('refblock_alloc', 'refblock_alloc'), ('refblock_alloc_hookup', 'refblock_alloc_hookup'), ('refblock_alloc_write', 'refblock_alloc_write'), ('refblock_alloc_write_blocks', 'refblock_alloc_write_blocks'), ('refblock_alloc_write_table', 'refblock_alloc_write_table'), ('refblock_alloc_switch_table', 'refblock_alloc_switch_table'), ('cluster_alloc', 'cluster_alloc'), ('cluster_alloc_bytes', 'cluster_alloc_bytes'), ('cluster_free', 'cluster_free'), ('flush_to_os', 'flush_to_os'), ('flush_to_disk', 'flush_to_disk'), ('pwritev_rmw_head', 'pwritev_rmw_head'), ('pwritev_rmw_after_head', 'pwritev_rmw_after_head'), ('pwritev_rmw_tail', 'pwritev_rmw_tail'), ('pwritev_rmw_after_tail', 'pwritev_rmw_after_tail'), ('pwritev', 'pwritev'), ('pwritev_zero', 'pwritev_zero'), ('pwritev_done', 'pwritev_done'), ('empty_image_prepare', 'empty_image_prepare'), ('l1_shrink_write_table', 'l1_shrink_write_table'), ('l1_shrink_free_l2_clusters', 'l1_shrink_free_l2_clusters'), ('cor_write', 'cor_write'), ('cluster_alloc_space', 'cluster_alloc_space'), ('none', 'none'), ),
+    'BlkdebugIOType': (('read', 'read'), ('write', 'write'), ('write_zeroes', 'write-zeroes'), ('discard', 'discard'), ('flush', 'flush'), ('block_status', 'block-status'), ),
+    'RbdAuthMode': (('cephx', 'cephx'), ('none', 'none'), ),
+    'OnCbwError': (('break_guest_write', 'break-guest-write'), ('break_snapshot', 'break-snapshot'), ),
+    'Qcow2OverlapCheckMode': (('none', 'none'), ('constant', 'constant'), ('cached', 'cached'), ('all', 'all'), ),
+    'BlockdevQcow2EncryptionFormat': (('aes', 'aes'), ('luks', 'luks'), ),
+    'PreallocMode': (('off', 'off'), ('metadata', 'metadata'), ('falloc', 'falloc'), ('full', 'full'), ),
+    'BlockdevQcow2Version': (('v2', 'v2'), ('v3', 'v3'), ),
+    'IoOperationType': (('read', 'read'), ('write', 'write'), ),
+    'OnOffAuto': (('auto', 'auto'), ('on', 'on'), ('off', 'off'), ),
+    'OnOffSplit': (('on', 'on'), ('off', 'off'), ('split_', 'split'), ),
+    'JobType': (('commit', 'commit'), ('stream', 'stream'), ('mirror', 'mirror'), ('backup', 'backup'), ('create', 'create'), ('amend', 'amend'), ('snapshot_load', 'snapshot-load'), ('snapshot_save', 'snapshot-save'), ('snapshot_delete', 'snapshot-delete'), ),
+    'JobStatus': (('undefined', 'undefined'), ('created', 'created'), ('running', 'running'), ('paused', 'paused'), ('ready', 'ready'), ('standby', 'standby'), ('waiting', 'waiting'), ('pending', 'pending'), ('aborting', 'aborting'), ('concluded', 'concluded'), ('null', 'null'), ),
+    'JobVerb': (('cancel', 'cancel'), ('pause', 'pause'), ('resume', 'resume'), ('set_speed', 'set-speed'), ('complete', 'complete'), ('dismiss', 'dismiss'), ('finalize', 'finalize'), ('change', 'change'), ),
+    'NetworkAddressFamily': (('ipv4', 'ipv4'), ('ipv6', 'ipv6'), ('unix', 'unix'), ('vsock', 'vsock'), ('unknown', 'unknown'), ),
+    'SocketAddressType': (('inet', 'inet'), ('unix', 'unix'), ('vsock', 'vsock'), ('fd', 'fd'), ),
+    'FuseExportAllowOther': (('off', 'off'), ('on', 'on'), ('auto', 'auto'), ),
+    'BlockExportRemoveMode': (('safe', 'safe'), ('hard', 'hard'), ),
+    'BlockExportType': (('nbd', 'nbd'), ('vhost_user_blk', 'vhost-user-blk'), ('fuse', 'fuse'), ),
+    'ChardevBackendKind': (('file', 'file'), ('socket', 'socket'), ('null', 'null'), ('stdio', 'stdio'), ),
+    'ActionCompletionMode': (('individual', 'individual'), ('grouped', 'grouped'), ),
+    'TransactionActionKind': (('abort', 'abort'), ('block_dirty_bitmap_add', 'block-dirty-bitmap-add'), ('block_dirty_bitmap_remove', 'block-dirty-bitmap-remove'), ('block_dirty_bitmap_clear', 'block-dirty-bitmap-clear'), ('block_dirty_bitmap_enable', 'block-dirty-bitmap-enable'), ('block_dirty_bitmap_disable', 'block-dirty-bitmap-disable'), ('block_dirty_bitmap_merge', 'block-dirty-bitmap-merge'), ('blockdev_backup', 'blockdev-backup'), ('blockdev_snapshot', 'blockdev-snapshot'), ),
+    'QMPCapability': (('oob', 'oob'), ),
+    'MonitorMode': (('readline', 'readline'), ('control', 'control'), ),
+    'MonitorQMPCloseAction': (('none', 'none'), ('delete', 'delete'), ),
+    'QCryptoTLSCredsEndpoint': (('client', 'client'), ('server', 'server'), ),
+    'QCryptoCipherAlgo': (('aes_128', 'aes-128'), ('aes_192', 'aes-192'), ('aes_256', 'aes-256'), ('des', 'des'), ('_3des', '3des'), ('cast5_128', 'cast5-128'), ('serpent_128', 'serpent-128'), ('serpent_192', 'serpent-192'), ('serpent_256', 'serpent-256'), ('twofish_128', 'twofish-128'), ('twofish_192', 'twofish-192'), ('twofish_256', 'twofish-256'), ('sm4', 'sm4'), ),
+    'QCryptoSecretFormat': (('raw', 'raw'), ('base64', 'base64'), ),
+    'SchemaMetaType': (('builtin', 'builtin'), ('enum', 'enum'), ('array', 'array'), ('object', 'object'), ('alternate', 'alternate'), ('command', 'command'), ('event', 'event'), ),
+    'JSONType': (('string', 'string'), ('number', 'number'), ('int', 'int'), ('boolean', 'boolean'), ('null', 'null'), ('object', 'object'), ('array', 'array'), ('value_', 'value'), ),
+    'ObjectType': (('authz_list', 'authz-list'), ('authz_listfile', 'authz-listfile'), ('authz_simple', 'authz-simple'), ('iothread', 'iothread'), ('main_loop', 'main-loop'), ('secret', 'secret'), ('throttle_group', 'throttle-group'), ('tls_creds_psk', 'tls-creds-psk'), ('tls_creds_x509', 'tls-creds-x509'), ),
+}
+
 #: Every enum, struct and union class by QAPI name (argument classes by Python name).
-TYPES: dict[str, type] = {
-    'QAuthZListPolicy': QAuthZListPolicy,
-    'QAuthZListFormat': QAuthZListFormat,
+TYPES: _base.TypeTable = _base.TypeTable({
     'QAuthZListRule': QAuthZListRule,
     'AuthZListProperties': AuthZListProperties,
     'AuthZListFileProperties': AuthZListFileProperties,
@@ -4843,16 +4857,12 @@ TYPES: dict[str, type] = {
     'BlockDirtyBitmapMerge': BlockDirtyBitmapMerge,
     'BlockDirtyInfo': BlockDirtyInfo,
     'ImageInfoSpecificFile': ImageInfoSpecificFile,
-    'RbdImageEncryptionFormat': RbdImageEncryptionFormat,
     'ImageInfoSpecificRbd': ImageInfoSpecificRbd,
-    'Qcow2CompressionType': Qcow2CompressionType,
-    'Qcow2BitmapInfoFlags': Qcow2BitmapInfoFlags,
     'Qcow2BitmapInfo': Qcow2BitmapInfo,
     'ImageInfoSpecificQCow2Encryption': ImageInfoSpecificQCow2Encryption,
     'QCryptoBlockInfoBase': QCryptoBlockInfoBase,
     'ImageInfoSpecificQCow2': ImageInfoSpecificQCow2,
     'ImageInfoSpecificQCow2Wrapper': ImageInfoSpecificQCow2Wrapper,
-    'ImageInfoSpecificKind': ImageInfoSpecificKind,
     'ImageInfoSpecificRbdWrapper': ImageInfoSpecificRbdWrapper,
     'ImageInfoSpecificFileWrapper': ImageInfoSpecificFileWrapper,
     'ImageInfoSpecific': ImageInfoSpecific,
@@ -4860,17 +4870,13 @@ TYPES: dict[str, type] = {
     'BlockLimitsInfo': BlockLimitsInfo,
     'BlockNodeInfo': BlockNodeInfo,
     'ImageInfo': ImageInfo,
-    'BlockdevDetectZeroesOptions': BlockdevDetectZeroesOptions,
     'BlockdevCacheInfo': BlockdevCacheInfo,
     'BlockdevChild': BlockdevChild,
     'BlockDeviceInfo': BlockDeviceInfo,
-    'BlockDeviceIoStatus': BlockDeviceIoStatus,
     'BlockInfo': BlockInfo,
     'QueryBlockArgs': QueryBlockArgs,
     'QueryNamedBlockNodesArgs': QueryNamedBlockNodesArgs,
-    'XDbgBlockGraphNodeType': XDbgBlockGraphNodeType,
     'XDbgBlockGraphNode': XDbgBlockGraphNode,
-    'BlockPermission': BlockPermission,
     'XDbgBlockGraphEdge': XDbgBlockGraphEdge,
     'XDbgBlockGraph': XDbgBlockGraph,
     'BlockResizeArgs': BlockResizeArgs,
@@ -4882,10 +4888,6 @@ TYPES: dict[str, type] = {
     'BlockStats': BlockStats,
     'QueryBlockstatsArgs': QueryBlockstatsArgs,
     'BlockdevSnapshot': BlockdevSnapshot,
-    'BlockErrorAction': BlockErrorAction,
-    'BlockdevOnError': BlockdevOnError,
-    'MirrorSyncMode': MirrorSyncMode,
-    'BitmapSyncMode': BitmapSyncMode,
     'BackupPerf': BackupPerf,
     'BackupCommon': BackupCommon,
     'BlockdevBackup': BlockdevBackup,
@@ -4904,20 +4906,14 @@ TYPES: dict[str, type] = {
     'BlockJobErrorEvent': BlockJobErrorEvent,
     'BlockJobReadyEvent': BlockJobReadyEvent,
     'BlockJobPendingEvent': BlockJobPendingEvent,
-    'BlockdevDiscardOptions': BlockdevDiscardOptions,
-    'BlockdevAioOptions': BlockdevAioOptions,
     'BlockdevCacheOptions': BlockdevCacheOptions,
-    'BlockdevDriver': BlockdevDriver,
     'BlockdevOptionsFile': BlockdevOptionsFile,
     'BlockdevOptionsNbd': BlockdevOptionsNbd,
     'BlockdevOptionsNull': BlockdevOptionsNull,
-    'BlkdebugEvent': BlkdebugEvent,
-    'BlkdebugIOType': BlkdebugIOType,
     'BlkdebugInjectErrorOptions': BlkdebugInjectErrorOptions,
     'BlkdebugSetStateOptions': BlkdebugSetStateOptions,
     'BlockdevOptionsBlkdebug': BlockdevOptionsBlkdebug,
     'BlockdevOptionsThrottle': BlockdevOptionsThrottle,
-    'RbdAuthMode': RbdAuthMode,
     'RbdEncryptionOptionsLUKSBase': RbdEncryptionOptionsLUKSBase,
     'RbdEncryptionOptionsLUKS': RbdEncryptionOptionsLUKS,
     'RbdEncryptionOptionsLUKS2': RbdEncryptionOptionsLUKS2,
@@ -4930,12 +4926,9 @@ TYPES: dict[str, type] = {
     'RbdEncryptionCreateOptions': RbdEncryptionCreateOptions,
     'BlockdevCreateOptionsRbd': BlockdevCreateOptionsRbd,
     'BlockdevOptionsGenericFormat': BlockdevOptionsGenericFormat,
-    'OnCbwError': OnCbwError,
     'BlockdevOptionsCbw': BlockdevOptionsCbw,
     'BlockdevOptionsGenericCOWFormat': BlockdevOptionsGenericCOWFormat,
-    'Qcow2OverlapCheckMode': Qcow2OverlapCheckMode,
     'Qcow2OverlapCheckFlags': Qcow2OverlapCheckFlags,
-    'BlockdevQcow2EncryptionFormat': BlockdevQcow2EncryptionFormat,
     'QCryptoBlockOptionsQCow': QCryptoBlockOptionsQCow,
     'QCryptoBlockOptionsLUKS': QCryptoBlockOptionsLUKS,
     'BlockdevQcow2Encryption': BlockdevQcow2Encryption,
@@ -4943,20 +4936,12 @@ TYPES: dict[str, type] = {
     'BlockdevOptionsRaw': BlockdevOptionsRaw,
     'BlockdevOptions': BlockdevOptions,
     'BlockdevDelArgs': BlockdevDelArgs,
-    'PreallocMode': PreallocMode,
     'BlockdevCreateOptionsFile': BlockdevCreateOptionsFile,
-    'BlockdevQcow2Version': BlockdevQcow2Version,
     'BlockdevCreateOptionsQcow2': BlockdevCreateOptionsQcow2,
     'BlockdevCreateOptions': BlockdevCreateOptions,
     'BlockdevCreateArgs': BlockdevCreateArgs,
     'XBlockdevSetIothreadArgs': XBlockdevSetIothreadArgs,
     'ThrottleLimits': ThrottleLimits,
-    'IoOperationType': IoOperationType,
-    'OnOffAuto': OnOffAuto,
-    'OnOffSplit': OnOffSplit,
-    'JobType': JobType,
-    'JobStatus': JobStatus,
-    'JobVerb': JobVerb,
     'JobStatusChangeEvent': JobStatusChangeEvent,
     'JobPauseArgs': JobPauseArgs,
     'JobResumeArgs': JobResumeArgs,
@@ -4965,7 +4950,6 @@ TYPES: dict[str, type] = {
     'JobDismissArgs': JobDismissArgs,
     'JobFinalizeArgs': JobFinalizeArgs,
     'JobInfo': JobInfo,
-    'NetworkAddressFamily': NetworkAddressFamily,
     'InetSocketAddressBase': InetSocketAddressBase,
     'InetSocketAddress': InetSocketAddress,
     'UnixSocketAddress': UnixSocketAddress,
@@ -4976,7 +4960,6 @@ TYPES: dict[str, type] = {
     'VsockSocketAddressWrapper': VsockSocketAddressWrapper,
     'FdSocketAddressWrapper': FdSocketAddressWrapper,
     'SocketAddressLegacy': SocketAddressLegacy,
-    'SocketAddressType': SocketAddressType,
     'SocketAddress': SocketAddress,
     'NbdServerOptionsBase': NbdServerOptionsBase,
     'NbdServerOptions': NbdServerOptions,
@@ -4984,12 +4967,9 @@ TYPES: dict[str, type] = {
     'BlockExportOptionsNbdBase': BlockExportOptionsNbdBase,
     'BlockExportOptionsNbd': BlockExportOptionsNbd,
     'BlockExportOptionsVhostUserBlk': BlockExportOptionsVhostUserBlk,
-    'FuseExportAllowOther': FuseExportAllowOther,
     'BlockExportOptionsFuse': BlockExportOptionsFuse,
     'NbdServerAddOptions': NbdServerAddOptions,
-    'BlockExportRemoveMode': BlockExportRemoveMode,
     'NbdServerRemoveArgs': NbdServerRemoveArgs,
-    'BlockExportType': BlockExportType,
     'BlockExportOptions': BlockExportOptions,
     'BlockExportDelArgs': BlockExportDelArgs,
     'BlockExportDeletedEvent': BlockExportDeletedEvent,
@@ -4999,7 +4979,6 @@ TYPES: dict[str, type] = {
     'ChardevFile': ChardevFile,
     'ChardevSocket': ChardevSocket,
     'ChardevStdio': ChardevStdio,
-    'ChardevBackendKind': ChardevBackendKind,
     'ChardevFileWrapper': ChardevFileWrapper,
     'ChardevSocketWrapper': ChardevSocketWrapper,
     'ChardevCommonWrapper': ChardevCommonWrapper,
@@ -5009,8 +4988,6 @@ TYPES: dict[str, type] = {
     'ChardevAddArgs': ChardevAddArgs,
     'ChardevRemoveArgs': ChardevRemoveArgs,
     'Abort': Abort,
-    'ActionCompletionMode': ActionCompletionMode,
-    'TransactionActionKind': TransactionActionKind,
     'AbortWrapper': AbortWrapper,
     'BlockDirtyBitmapAddWrapper': BlockDirtyBitmapAddWrapper,
     'BlockDirtyBitmapWrapper': BlockDirtyBitmapWrapper,
@@ -5021,25 +4998,17 @@ TYPES: dict[str, type] = {
     'TransactionProperties': TransactionProperties,
     'TransactionArgs': TransactionArgs,
     'QmpCapabilitiesArgs': QmpCapabilitiesArgs,
-    'QMPCapability': QMPCapability,
     'VersionTriple': VersionTriple,
     'VersionInfo': VersionInfo,
     'CommandInfo': CommandInfo,
-    'MonitorMode': MonitorMode,
-    'MonitorQMPCloseAction': MonitorQMPCloseAction,
     'MonitorOptions': MonitorOptions,
-    'QCryptoTLSCredsEndpoint': QCryptoTLSCredsEndpoint,
-    'QCryptoCipherAlgo': QCryptoCipherAlgo,
-    'QCryptoSecretFormat': QCryptoSecretFormat,
     'SecretCommonProperties': SecretCommonProperties,
     'SecretProperties': SecretProperties,
     'TlsCredsProperties': TlsCredsProperties,
     'TlsCredsPskProperties': TlsCredsPskProperties,
     'TlsCredsX509Properties': TlsCredsX509Properties,
-    'SchemaMetaType': SchemaMetaType,
     'SchemaInfo': SchemaInfo,
     'SchemaInfoBuiltin': SchemaInfoBuiltin,
-    'JSONType': JSONType,
     'SchemaInfoEnum': SchemaInfoEnum,
     'SchemaInfoEnumMember': SchemaInfoEnumMember,
     'SchemaInfoArray': SchemaInfoArray,
@@ -5054,7 +5023,6 @@ TYPES: dict[str, type] = {
     'IothreadProperties': IothreadProperties,
     'MainLoopProperties': MainLoopProperties,
     'ThrottleGroupProperties': ThrottleGroupProperties,
-    'ObjectType': ObjectType,
     'ObjectOptions': ObjectOptions,
     'ObjectDelArgs': ObjectDelArgs,
     'ObjectPropertyInfo': ObjectPropertyInfo,
@@ -5075,7 +5043,7 @@ TYPES: dict[str, type] = {
     'BlockDirtyBitmapMergeArgs': BlockDirtyBitmapMergeArgs,
     'BlockdevSnapshotArgs': BlockdevSnapshotArgs,
     'NbdServerStartArgs': NbdServerStartArgs,
-}
+}, ENUMS, __name__)
 
 #: Alternate name -> ((branch name, QAPI type), ...).
 ALTERNATES: dict[str, tuple[tuple[str, str], ...]] = {
