@@ -465,6 +465,11 @@ ERROR_STEPS: list[tuple[str, dict[str, Any]]] = [
     ("blockdev-del", {"node-name": "c0"}),
     ("blockdev-del", {"node-name": "s0"}),
     ("blockdev-del", {"node-name": "c0"}),
+    # a running backup's nodes are busy for another one
+    backup(speed=1, **{"job-id": "j1"}),
+    backup(**{"job-id": "j2"}),
+    backup(target="src", device="tgt", **{"job-id": "j2"}),
+    ("block-job-cancel", {"device": "j1"}),
 ]
 DAEMON_ARGS = ["--blockdev", "null-co,node-name=src,size=4194304,read-zeroes=on",
                "--blockdev", "null-co,node-name=tgt,size=4194304,read-zeroes=on",

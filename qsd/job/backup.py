@@ -27,22 +27,20 @@ import asyncio
 import errno
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qsd.aio import main_context
 from qsd.block import dirty_bitmap, drain
 from qsd.block.block_copy import BlockCopyState, CopyCall
 from qsd.block.dirty_bitmap import DirtyBitmap
 from qsd.block.drivers.copy_before_write import CopyBeforeWriteNode, cbw_append
+from qsd.block.graph import BlockGraph, check_op_blocker
 from qsd.block.limits import INT_MAX
 from qsd.block.node import BlockNode
 from qsd.block.permissions import PERM_ALL
 from qsd.errors import QMPError
 from qsd.job.block_job import BlockJob
-from qsd.job.core import PAUSED, JobRegistry, JobTxn, job_lock
-
-if TYPE_CHECKING:
-    from qsd.block.graph import BlockGraph
+from qsd.job.core import PAUSED, JobRegistry, JobTxn
 
 
 @dataclass
@@ -136,15 +134,12 @@ class BackupJob(BlockJob):
             if action == "stop":
                 await self.pause_point()
 
-    async def pause_point(self) -> None:
+    async def driver_pause(self) -> None:
         """QEMU's backup_pause(): the background copy stops before the job does."""
-        with job_lock:
-            pausing = bool(self.pause_count) and not self.force_cancel
         call, task = self._call, self._call_task
-        if pausing and call is not None and task is not None and not call.finished:
+        if call is not None and task is not None and not call.finished:
             call.cancel()
             await task
-        await super().pause_point()
 
     def driver_set_speed(self, speed: int) -> None:
         call = getattr(self, "_call", None)
@@ -274,6 +269,8 @@ async def _backup_job_create(jobs: JobRegistry, graph: BlockGraph, args: Any,
         # No driver of qsd writes compressed clusters (QEMU's bdrv_supports_compressed_
         # writes() is false for every node), and a daemon's node has no device name.
         raise QMPError("Compression is not supported for this drive ")
+    check_op_blocker(source, "backup-source")
+    check_op_blocker(target, "backup-target")
     if not 1 <= perf.max_workers <= INT_MAX:
         raise QMPError(f"max-workers must be between 1 and {INT_MAX}")
     if perf.max_chunk < 0:
