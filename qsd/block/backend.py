@@ -68,16 +68,19 @@ def _write_waits(offset: int, data: Data, fua: bool = False) -> bool:
 def _marking(write: Callable[[int, Data, bool], bool], nodes: tuple[BlockNode, ...]
              ) -> Callable[[int, Data, bool], bool]:
     """``write`` that marks the dirty bitmaps of ``nodes`` once it wrote (or failed)."""
+    lists = tuple(node.dirty_bitmaps for node in nodes)   # live: bitmaps come and go
+
     def write_nowait(offset: int, data: Data, fua: bool = False) -> bool:
+        done = False
         try:
             done = write(offset, data, fua)
         except OSError:
-            for node in nodes:
-                set_dirty(node.dirty_bitmaps, offset, len(data))
+            done = True
             raise
-        if done:
-            for node in nodes:
-                set_dirty(node.dirty_bitmaps, offset, len(data))
+        finally:
+            if done:
+                for bitmaps in lists:
+                    set_dirty(bitmaps, offset, len(data))
         return done
     return write_nowait
 

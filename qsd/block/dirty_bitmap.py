@@ -161,7 +161,20 @@ class DirtyBitmap:
             bits[hi] = bits[hi] | tail if value else bits[hi] & ~tail
 
     def set(self, offset: int, length: int) -> None:
-        """Marks the granules that bytes [offset, offset + length) touch."""
+        """Marks the granules that bytes [offset, offset + length) touch.
+
+        The write path's case, a request within one granule, costs a bit test when the
+        granule is dirty already and takes the lock only to set the bit."""
+        shift = self._shift
+        first = offset >> shift
+        if first == (offset + length - 1) >> shift and first < self._granules and length:
+            bits = self._bits
+            index = first >> 3
+            bit = 1 << (first & 7)
+            if not bits[index] & bit:
+                with self._lock:
+                    bits[index] |= bit
+            return
         first, end = self._range(offset, length)
         if first < end:
             with self._lock:
