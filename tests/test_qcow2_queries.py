@@ -7,8 +7,8 @@ data file and 4-bit refcounts, zstd compression, encrypted ones), and chains giv
 query-named-block-nodes (nested and flat), query-block and the errors of bad options
 must be QEMU 11.1.3's (``tests/test_qcow2_queries.json``; node names the daemon
 generates, the test directory and allocated sizes masked).  Persistent bitmaps show in the image's
-format-specific information; the in-memory bitmaps QEMU also lists (``dirty-bitmaps``)
-belong to the dirty bitmap work, so that image is compared on its format-specific part.
+format-specific information and, loaded, in ``dirty-bitmaps`` (tests/test_bitmaps_qemu.py
+has the rest of them).
 
     python -m tests.test_qcow2_queries --record   # re-record with 11.1.3 (sid chroot)
 """
@@ -145,8 +145,9 @@ def play(daemon: list[str], d: Path, cmds: list[dict[str, Any]]) -> list[str]:
 def transcripts(daemon: list[str], d: Path) -> dict[str, Any]:
     images(d)
     chain = play(daemon, d, commands(d))
-    bitmaps = json.loads(play(daemon, d, BITMAP_COMMANDS)[2])["return"][0]["image"]
-    return {"chain": chain, "bitmaps-format-specific": bitmaps["format-specific"]}
+    node = json.loads(play(daemon, d, BITMAP_COMMANDS)[2])["return"][0]
+    return {"chain": chain, "bitmaps-format-specific": node["image"]["format-specific"],
+            "dirty-bitmaps": node["dirty-bitmaps"]}
 
 
 @pytest.fixture
@@ -160,6 +161,7 @@ def test_queries_and_errors_as_qemu(workdir: Path) -> None:
     expected = json.loads(GOLDEN.read_text())
     got = transcripts(QSD, workdir)
     assert got["bitmaps-format-specific"] == expected["bitmaps-format-specific"]
+    assert got["dirty-bitmaps"] == expected["dirty-bitmaps"]
     for want, have in zip(expected["chain"], got["chain"], strict=True):
         assert have == want
 
