@@ -8,9 +8,11 @@ flags without block-status-payload).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -254,6 +256,32 @@ def test_safe_and_hard_removal(daemon: tuple[Qsd, Path]) -> None:
     assert "export: 'disk'" in nbd_list(sock)
     mon.ok("block-export-del", id="ro")
     assert mon.wait_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "ro"}
+
+
+def test_a_client_that_has_left_does_not_hold_the_export(daemon: tuple[Qsd, Path]) -> None:
+    """A client whose NBD_CMD_DISC reached the daemon before block-export-del does not keep
+    the export in use: QEMU drops a client as it reads the command, so a management tool
+    may delete an export (mode safe) as soon as its backup client has exited.  The daemon
+    is stopped while both arrive, so that they are ready in the same poll of its loop."""
+    qsd, sock = daemon
+    mon = Monitor(qsd)
+    for rnd in range(5):
+        client = Raw(str(sock))
+        client.go("rw")
+        os.kill(qsd.pid, signal.SIGSTOP)
+        try:
+            client.sock.sendall(struct.pack(">IHHQQI", P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_DISC,
+                                            rnd, 0, 0))
+            client.sock.close()
+            mon.raw.send(b'{"execute": "block-export-del", "arguments": {"id": "rw"}}\n')
+        finally:
+            os.kill(qsd.pid, signal.SIGCONT)
+        while "event" in (reply := json.loads(mon.raw.recv_line())):
+            mon.events.append(reply)
+        assert reply == {"return": {}}, f"round {rnd}: {reply}"
+        assert mon.wait_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "rw"}
+        mon.ok("block-export-add", type="nbd", id="rw", **{"node-name": "disk"}, name="rw",
+               writable=True)
 
 
 def test_extended_headers(daemon: tuple[Qsd, Path]) -> None:

@@ -60,8 +60,11 @@ class ServedExport:
             return list(self._clients)
 
     def in_use(self) -> bool:
+        """A client that has said goodbye (or failed) with nothing in flight no longer
+        counts: QEMU lets go of it as it reads NBD_CMD_DISC, so an export may be deleted
+        the moment its client has exited, whichever socket the loop serves first."""
         with self._lock:
-            return bool(self._clients) or self._pending > 0
+            return any(not c.gone() for c in self._clients) or self._pending > 0
 
     def reserve(self) -> bool:
         """Counts a just-negotiated client as a user; False if the export is closing."""

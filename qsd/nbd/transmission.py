@@ -287,6 +287,10 @@ class NbdClient(SocketCarrier):
         if self.transport is not None:
             self.transport.abort()
 
+    def gone(self) -> bool:
+        """The client has left (disconnect, EOF or error) and has nothing in flight."""
+        return (self.disconnecting or self.closing) and self.inflight == 0
+
     def _begin_disconnect(self) -> None:
         """Stops reading; the socket closes once the requests in flight are answered."""
         self.disconnecting = True
