@@ -222,12 +222,13 @@ class FuseQueue:
         a poll that catches a request restores the full window, one that times out halves
         it, and with the window closed an occasional full-length probe checks again.
         """
-        window = self.poll_window()
-        if not window:
+        # Called for every look at the empty fd: no method call until the window closes.
+        if self._poll_ns:
+            if perf_counter_ns() - poll_start < min(self._poll_ns, self.ctx.poll_max_ns):
+                return True
+            self.poll_missed()
             return False
-        if perf_counter_ns() - poll_start < window:
-            return True
-        self.poll_missed()
+        self._count_unpolled()
         return False
 
     def poll_window(self) -> int:
@@ -235,11 +236,14 @@ class FuseQueue:
         window is closed (which counts towards the next probe)."""
         if self._poll_ns:
             return min(self._poll_ns, self.ctx.poll_max_ns)
+        self._count_unpolled()
+        return 0
+
+    def _count_unpolled(self) -> None:
         self._unpolled_wakeups += 1
         if self._unpolled_wakeups >= POLL_PROBE_INTERVAL:
             self._unpolled_wakeups = 0
             self._poll_ns = self.ctx.poll_max_ns
-        return 0
 
     def poll_missed(self) -> None:
         """A whole window passed without a request: halve it (close it below the minimum)."""
