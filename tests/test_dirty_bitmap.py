@@ -3,6 +3,8 @@ it: through qsd.block.io and through BlockBackend's inline write path, on real n
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -18,6 +20,8 @@ from qsd.block.graph import BlockGraph
 from qsd.block.node import BlockNode
 from qsd.block.permissions import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
 from qsd.errors import QMPError
+from tests.conftest import QsdFactory
+from tests.harness import Monitor, wait_for_mount
 
 MiB = 1 << 20
 
@@ -182,3 +186,50 @@ async def test_bitmap_follows_resize(graph: BlockGraph, tmp_path: Path) -> None:
             assert bm.get(offset) and bm.get(offset + 4095)
     finally:
         await blk.detach()
+
+
+def test_writes_through_fuse_in_iothreads(fuse_dir: Path, start_qsd: QsdFactory) -> None:
+    """Writes from several threads through a FUSE export served by two iothreads (the
+    inline write path) dirty exactly the granules they touch, as an NBD client reads
+    the bitmap (nbdinfo --map=qemu:dirty-bitmap:b)."""
+    img = fuse_dir / "img.raw"
+    img.write_bytes(b"")
+    os.truncate(img, 64 * MiB)
+    mp = fuse_dir / "img.fuse"
+    mp.touch()
+    sock = fuse_dir / "nbd.sock"
+    daemon = start_qsd("--object", "iothread,id=io0", "--object", "iothread,id=io1",
+                       "--blockdev", f"file,node-name=f,filename={img}",
+                       "--nbd-server", f"addr.type=unix,addr.path={sock}")
+    mon = Monitor(daemon)
+    mon.ok("block-dirty-bitmap-add", node="f", name="b", granularity=65536)
+    mon.ok("block-export-add", type="fuse", id="e", **{"node-name": "f"},
+           mountpoint=str(mp), writable=True, iothread=["io0", "io1"])
+    wait_for_mount(mp, daemon)
+    rng = random.Random(7)
+    offsets = [rng.randrange(0, 64 * MiB - 8192) for _ in range(400)]
+    fd = os.open(mp, os.O_WRONLY)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda off: os.pwrite(fd, b"d" * 3000, off), offsets))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dirty = {g for off in offsets for g in range(off >> 16, ((off + 2999) >> 16) + 1)}
+    [info] = [n["dirty-bitmaps"] for n in mon.ok("query-named-block-nodes")
+              if n["node-name"] == "f"]
+    assert info == [{"name": "b", "recording": True, "persistent": False, "busy": False,
+                     "granularity": 65536, "count": len(dirty) * 65536}]
+    mon.ok("block-export-del", id="e")
+    mon.wait_event("BLOCK_EXPORT_DELETED")
+    mon.ok("block-export-add", type="nbd", id="n", **{"node-name": "f"}, bitmaps=["b"],
+           writable=True)
+    out = subprocess.run(["nbdinfo", "--map=qemu:dirty-bitmap:b",
+                          f"nbd+unix:///f?socket={sock}"], capture_output=True, text=True,
+                         check=True).stdout
+    mapped = set()
+    for line in out.splitlines():
+        start, length, kind = (int(x) for x in line.split()[:3])
+        if kind:
+            mapped |= set(range(start >> 16, (start + length) >> 16))
+    assert mapped == dirty
