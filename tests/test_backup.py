@@ -175,6 +175,26 @@ def test_top_backup_copies_only_the_top_layer(start_qsd: QsdFactory, images: Pat
             f"read -P 0x22 {8 * MiB} 4096")
 
 
+def test_discard_source(start_qsd: QsdFactory, images: Path) -> None:
+    """discard-source: what was copied is discarded on the source (which must allow
+    discards); the target has the data, the source reads as zeroes, as with 11.1.3."""
+    src, tgt = images / "s.qcow2", images / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), str(4 * MiB))
+    qemu_io(str(src), f"write -P 7 0 {4 * MiB}")
+    qemu_img("create", "-q", "-f", "qcow2", str(tgt), str(4 * MiB))
+    qmp = Monitor(start_qsd())
+    add_qcow2(qmp, "src", src, discard="unmap")
+    add_qcow2(qmp, "tgt", tgt)
+    qmp.ok("blockdev-backup", device="src", target="tgt", sync="full",
+           **{"job-id": "j0", "discard-source": True})
+    job_events(qmp, "j0", "BLOCK_JOB_COMPLETED")
+    qmp.ok("blockdev-del", **{"node-name": "src"})
+    qmp.ok("blockdev-del", **{"node-name": "tgt"})
+    mapped = json.loads(qemu_img("map", "--output=json", str(src)))
+    assert [(e["length"], e["zero"], e["data"]) for e in mapped] == [(4 * MiB, True, False)]
+    qemu_io(str(tgt), f"read -P 7 0 {4 * MiB}")
+
+
 def test_cancel_and_pause(start_qsd: QsdFactory, images: Path) -> None:
     src = disk(images / "src.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", str(images / "t.qcow2"), str(16 * MiB))
