@@ -248,14 +248,20 @@ def commands_steps() -> list[Step]:
                                     act("blockdev-snapshot", node="a", overlay="ov"),
                                     act(bm + "add", node="ov", name="t9")]),
         nodes("a", "ov"),
+        qmp("blockdev-add", driver="qcow2", **{"node-name": "ov3"},
+            file={"driver": "file", "filename": "@DIR@/ov3.qcow2"}),
+        qmp("transaction", actions=[act("blockdev-snapshot", node="ov", overlay="ov3"),
+                                    act(bm + "add", node="ov3", name="t3"),
+                                    act(bm + "clear", node="ov", name="nope")]),
         qmp("query-named-block-nodes", flat=True),
     ]
 
 
 def commands_transcript(daemon: list[str], d: Path) -> dict[str, Any]:
     images(d)
-    subprocess.run(sid("qemu-img", "create", "-q", "-f", "qcow2", "ov.qcow2", "64M"),
-                   check=True, cwd=d)
+    for overlay in ("ov.qcow2", "ov3.qcow2"):
+        subprocess.run(sid("qemu-img", "create", "-q", "-f", "qcow2", overlay, "64M"),
+                       check=True, cwd=d)
     player = Player(daemon, d,
                     "--blockdev", "file,node-name=fa,filename=a.qcow2",
                     "--blockdev", "qcow2,node-name=a,file=fa",
