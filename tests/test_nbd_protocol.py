@@ -48,6 +48,7 @@ class MemBackend:
         self.fail_reads = False
         self.flushes = 0
         self.perm, self.shared = 1, 15
+        self.request_queuing = True
 
     def length(self) -> int:
         return len(self.data)
@@ -57,6 +58,9 @@ class MemBackend:
 
     def set_dev_ops(self, begin: Any, end: Any, poll: Any) -> None:
         self.dev_ops = (begin, end, poll)
+
+    def disable_request_queuing(self) -> None:
+        self.request_queuing = False
 
     def add_aio_context_notifier(self, notifier: Any) -> None:
         self.aio_notifiers.append(notifier)

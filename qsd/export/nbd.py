@@ -112,6 +112,11 @@ class NbdExport(BlockExport):
         for _, bitmap in bitmaps:
             bitmap.busy = True
         blk.set_dev_ops(served.drained_begin, served.drained_end, served.drained_poll)
+        # A request the clients already took counts until it is answered (drained_poll)
+        # and may call the block layer again after a drain began (a structured read asks
+        # for block status, then reads): it must go through, not wait for the drain's
+        # end, or the drain waits for it forever (QEMU's nbd_export_create does the same).
+        blk.disable_request_queuing()
         blk.add_aio_context_notifier(served.aio_context_changed)
         server.exports[name] = served
         return cls(daemon, opts.id, opts.node_name, blk, contexts, server, served)
