@@ -14,7 +14,7 @@ DEBIAN_PROGRAMS := fusermount3:fuse3 qemu-img:qemu-utils qemu-io:qemu-utils qemu
 	$(CEPH_PROGRAMS)
 DEBIAN_PYTHON_MODULES := nbd:python3-libnbd ensurepip:python3-venv $(CEPH_MODULES)
 
-.PHONY: run test test-py314 fuzz compat lint iotests bench stress-throttle deps venv clean
+.PHONY: run test test-py314 fuzz compat lint iotests bench stress stress-throttle deps venv clean
 
 deps:
 	@scripts/install-debian-deps $(DEBIAN_PROGRAMS) -- $(DEBIAN_PYTHON_MODULES)
@@ -51,6 +51,12 @@ fuzz: venv
 compat: venv
 	@scripts/sid-chroot setup
 	@$(PY) scripts/compat record --reference "$(CURDIR)/scripts/sid-chroot run /usr/bin/qemu-storage-daemon"
+
+# Churn, load and leaks, and the QMP/NBD/FUSE fuzzers, at the scale docs/RELIABILITY.md
+# reports (make test runs a few rounds of each); every case prints a STRESS line of figures.
+stress: venv
+	@QSD_STRESS=1 QSD_FUZZ=1 $(PY) -m pytest -q -s --timeout=7200 tests/test_stress.py \
+		tests/test_fuzz_qmp.py tests/test_fuzz_nbd.py tests/test_fuzz_fuse.py
 
 iotests: venv
 	@$(PY) iotests/check

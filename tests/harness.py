@@ -27,6 +27,11 @@ QSD_DEPRECATIONS_FATAL = ("import warnings; warnings.filterwarnings('error', "
                           r"category=DeprecationWarning, module=r'(qsd(\..*)?|__main__)$')")
 QSD = [sys.executable, "-c", QSD_DEPRECATIONS_FATAL
        + "; import runpy; runpy.run_module('qsd', run_name='__main__', alter_sys=True)"]
+# The same with tests/leak_probe.py loaded first (Qsd(probe=True)).
+LEAK_PROBE = Path(__file__).with_name("leak_probe.py")
+QSD_WITH_PROBE = [sys.executable, "-c", QSD_DEPRECATIONS_FATAL
+                  + f"; import runpy; runpy.run_path({str(LEAK_PROBE)!r})"
+                  + "; runpy.run_module('qsd', run_name='__main__', alter_sys=True)"]
 
 
 def nbd_list(sock: Path | str) -> str:
@@ -116,14 +121,17 @@ def wait_for_mount(path: Path, qsd: Qsd, timeout: float = 20.0) -> None:
 
 
 class Qsd:
-    """One qsd process with a QMP monitor on ``self.qmp_path``."""
+    """One qsd process with a QMP monitor on ``self.qmp_path``; with ``probe``, one
+    whose asyncio tasks tests/leaks.py can count (through ``self.probe_path``)."""
 
     def __init__(self, workdir: Path, args: list[str], monitor: bool = True,
-                 pretty: bool = False, netns: str | None = None) -> None:
+                 pretty: bool = False, netns: str | None = None, probe: bool = False
+                 ) -> None:
         self.workdir = workdir
         # Unix socket paths are limited to 108 bytes; pytest's tmp paths can be longer.
         self.sock_dir = Path(tempfile.mkdtemp(prefix="qsd-", dir="/tmp"))
         self.qmp_path = self.sock_dir / "qmp.sock"
+        self.probe_path = self.sock_dir / "probe.sock"
         monitor_args = []
         if monitor:
             monitor_args = ["--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
@@ -134,8 +142,10 @@ class Qsd:
         # In a network namespace of the test's, but in the test's mount namespace (nsenter
         # execs the daemon: its PID stays the one to signal).
         enter = [] if netns is None else ["nsenter", f"--net=/run/netns/{netns}"]
-        self.proc = subprocess.Popen(enter + QSD + monitor_args + args, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=workdir)
+        env = dict(os.environ, QSD_LEAK_PROBE=str(self.probe_path)) if probe else None
+        self.proc = subprocess.Popen(enter + (QSD_WITH_PROBE if probe else QSD) + monitor_args
+                                     + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     cwd=workdir, env=env)
         if monitor:
             try:
                 wait_for_listener(self.qmp_path, self.proc)
