@@ -489,6 +489,7 @@ ERROR_STEPS: list[tuple[str, dict[str, Any]]] = [
     backup(speed=1, **{"job-id": "j1"}),
     backup(**{"job-id": "j2"}),
     backup(target="src", device="tgt", **{"job-id": "j2"}),
+    ("blockdev-del", {"node-name": "tgt"}),
     ("block-job-cancel", {"device": "j1"}),
 ]
 DAEMON_ARGS = ["--blockdev", "null-co,node-name=src,size=4194304,read-zeroes=on",

@@ -406,7 +406,9 @@ class BlockGraph:
             node = self.find_node(node_name)
             if node is None:
                 raise QMPError(f"Failed to find node with node-name='{node_name}'")
-            if users(node):
+            # QEMU's bdrv_has_blk(): a BlockBackend uses it (a block job's edge is not
+            # one: its op blocker answers below).
+            if any(child.parent in self.backends for child in node.parents):
                 raise QMPError(f"Node {node_name} is in use")
             check_op_blocker(node)
             if not node.monitor_owned:
