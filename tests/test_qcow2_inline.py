@@ -185,3 +185,31 @@ async def test_concurrent_long_way_and_inline(graph: BlockGraph, tmp_path: Path)
     cmp = qemu_img("compare", "-f", "qcow2", "-F", "raw", str(img),
                    str(tmp_path / "expected.raw"))
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+async def test_cache_clean_waits_for_the_lock(graph: BlockGraph, tmp_path: Path) -> None:
+    """cache-clean-interval drops unused tables only while nobody holds the metadata
+    lock (a request of another iothread may be using a table it got from the cache)."""
+    img = tmp_path / "clean.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", str(img), str(SIZE)).returncode == 0
+    node = await graph.blockdev_add(opts(driver="qcow2", node_name="q",
+                                         cache_clean_interval=1,
+                                         file={"driver": "file", "filename": str(img)}))
+    assert isinstance(node, Qcow2Node) and node.l2_cache is not None
+    blk = BlockBackend(graph, node, perm=PERM_CONSISTENT_READ | PERM_WRITE,
+                       shared=PERM_ALL & ~PERM_RESIZE)
+    await blk.write(0, b"\x07" * 4096)
+    await blk.flush()
+    assert node.l2_cache.entries
+    assert node.lock.try_acquire()
+    try:
+        await asyncio.sleep(2.5)       # two clean-ups come and go
+        assert node.l2_cache.entries
+    finally:
+        node.lock.release()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while node.l2_cache.entries and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    assert not node.l2_cache.entries
+    assert bytes(await blk.read(0, 4096)) == b"\x07" * 4096

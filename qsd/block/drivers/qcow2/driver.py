@@ -1511,9 +1511,14 @@ class Qcow2Node(BlockNode):
         rt, caches = self.opts_rt, self.caches
         assert rt is not None and caches is not None
         older = time.monotonic() - rt.cache_clean_interval
-        if not self.lock.held:
-            caches.l2.clean_unused(older)
-            caches.refblocks.clean_unused(older)
+        # Taken, not only tested: a request of another iothread may hold a table it
+        # got from the cache (the inline allocation too) until it lets the lock go.
+        if self.lock.try_acquire():
+            try:
+                caches.l2.clean_unused(older)
+                caches.refblocks.clean_unused(older)
+            finally:
+                self.lock.release()
         self.clean_timer = self.ctx.loop.call_later(rt.cache_clean_interval, self._clean)
 
     def drained_begin(self) -> None:

@@ -28,10 +28,6 @@ class CrossLoopLock:
         self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop,
                                                 asyncio.Future[None]]] = collections.deque()
 
-    @property
-    def held(self) -> bool:
-        return self._held
-
     async def acquire(self) -> None:
         with self._guard:
             if not self._held:
