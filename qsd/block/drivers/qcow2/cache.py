@@ -9,7 +9,10 @@ is what keeps a killed daemon's image consistent (at worst leaked clusters):
   disk before the refcount that accounts for it: the L2 cache *depends on* the refcount
   cache, whose blocks are written and synced first;
 - a dropped reference must be on disk before the refcount that no longer counts it:
-  the refcount cache depends on the L2 cache.
+  the refcount cache depends on the L2 cache;
+- what a write copied into a new cluster (copy-on-write) must be on disk before an L2
+  table that points at it: the L2 cache *depends on a flush* (``depends_on_flush``),
+  which a refcount dependency's flush satisfies too.
 
 Only one direction can be pending at a time; asking for the other one flushes first
 (QEMU's qcow2_cache_set_dependency).  All of this runs under the node's metadata lock.
