@@ -132,18 +132,18 @@ class BlockCopyState:
     """What is left to copy from ``source`` to ``target`` and what is being copied."""
 
     def __init__(self, owner: BlockNode, source: Child, target: Child, cluster_size: int,
-                 bitmap: DirtyBitmap | None = None, *, discard_source: bool = False) -> None:
+                 bitmap: DirtyBitmap | None = None) -> None:
         """The bitmap of what to copy is an anonymous, disabled one of ``owner`` (the
         filter), everything dirty or a copy of ``bitmap``; ``free`` releases it."""
         self.source = source
         self.target = target
         self.cluster_size = cluster_size
         self.length = source.node.length()
-        self.discard_source = discard_source
-        self.compress = False
+        # Discard on the source what was copied (the backup job's discard-source).
+        self.discard_source = False
         self.skip_unallocated = False
         self.progress: Progress | None = None
-        # Bytes of one copy: a cluster for compressed writes, else up to MAX_BUFFER.
+        # Bytes of one copy: up to MAX_BUFFER, whole clusters within both nodes' limits.
         transfer = min_non_zero(INT_MAX, min_non_zero(source.node.bl.max_transfer,
                                                       target.node.bl.max_transfer))
         self.max_transfer = transfer - transfer % cluster_size
@@ -167,7 +167,7 @@ class BlockCopyState:
             dirty_bitmap.release(self.bitmap)
 
     def chunk_size(self) -> int:
-        if self.compress or self.max_transfer < self.cluster_size:
+        if self.max_transfer < self.cluster_size:
             return self.cluster_size
         return min(max(self.cluster_size, MAX_BUFFER), self.max_transfer)
 
