@@ -6,7 +6,7 @@ so a node must be defined before an export names it, exactly as in QEMU's daemon
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import qsd
 from qsd.errors import PROGRAM
@@ -35,8 +35,7 @@ class UsageError(Exception):
     """A command-line error; the message is printed after ``qsd: ``."""
 
 
-@dataclass
-class Option:
+class Option(NamedTuple):
     """One option in command-line order; ``name`` "" is a stray argument."""
 
     name: str
@@ -48,13 +47,15 @@ class Option:
         return self.written or f"--{self.name} {self.value}"
 
 
-@dataclass
 class CommandLine:
-    options: list[Option] = field(default_factory=list)
-    info: str | None = None  # "help" or "version", whichever came first
-    daemonize: bool = False
-    pidfile: str | None = None
-    trace: list[str] = field(default_factory=list)
+    # Plain classes and named tuples on the start-up path: a dataclass costs about as
+    # much to create as the parsing it serves (its methods are compiled at import).
+    def __init__(self) -> None:
+        self.options: list[Option] = []
+        self.info: str | None = None  # "help" or "version", whichever came first
+        self.daemonize = False
+        self.pidfile: str | None = None
+        self.trace: list[str] = []
 
 
 def _match_long(name: str) -> str:

@@ -8,7 +8,6 @@ maxima.  A driver only ever sees requests that fit, the way QEMU's drivers do.
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 
 INT64_MAX = 2**63 - 1
@@ -30,22 +29,25 @@ def min_non_zero(a: int, b: int) -> int:
     return a or b
 
 
-@dataclasses.dataclass
 class BlockLimits:
-    """Sizes in bytes; 0 means "no limit" or "no preference", as in QEMU."""
+    """Sizes in bytes; 0 means "no limit" or "no preference", as in QEMU.
 
-    request_alignment: int = 1
-    max_pdiscard: int = 0
-    pdiscard_alignment: int = 0
-    max_pwrite_zeroes: int = 0
-    pwrite_zeroes_alignment: int = 0
-    opt_transfer: int = 0
-    max_transfer: int = 0
-    max_hw_transfer: int = 0
-    max_iov: int = 0
-    max_hw_iov: int = 0
-    min_mem_alignment: int = 0
-    opt_mem_alignment: int = 0
+    A plain class: as a dataclass its creation was a noticeable part of every start.
+    """
+
+    def __init__(self) -> None:
+        self.request_alignment = 1
+        self.max_pdiscard = 0
+        self.pdiscard_alignment = 0
+        self.max_pwrite_zeroes = 0
+        self.pwrite_zeroes_alignment = 0
+        self.opt_transfer = 0
+        self.max_transfer = 0
+        self.max_hw_transfer = 0
+        self.max_iov = 0
+        self.max_hw_iov = 0
+        self.min_mem_alignment = 0
+        self.opt_mem_alignment = 0
 
     def merge(self, child: BlockLimits) -> None:
         """Takes on what a data, filtered or COW child imposes (QEMU's bdrv_merge_limits)."""

@@ -25,11 +25,10 @@ options to ``children.open_child`` in wire form, as a dict.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from qsd.block.node import BlockNode
 
@@ -41,8 +40,7 @@ Creator = Callable[[Any, Any], Awaitable[None]]
 _DRIVER_PACKAGE = "qsd.block.drivers"
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockDriver:
+class BlockDriver(NamedTuple):
     """One registered driver (QEMU's BlockDriver): its name, its node class, the QAPI
     model of its options and, for drivers that make images, how."""
 

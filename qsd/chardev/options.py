@@ -9,7 +9,7 @@ differ from QMP's (a server waits for its first client unless ``wait=off``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from qsd import qapi
 from qsd.errors import QMPError, print_hint, warn_report
@@ -38,8 +38,7 @@ _NUMBER = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9
 BACKENDS = ("file", "stdio", "socket", "null")
 
 
-@dataclass
-class ChardevOptions:
+class ChardevOptions(NamedTuple):
     """A parsed ``--chardev``: the id and backend, or ``help`` for the backend list."""
 
     id: str = ""

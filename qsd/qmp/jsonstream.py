@@ -72,7 +72,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from qsd.errors import QMPError
 
@@ -84,8 +84,7 @@ _MAX_MESSAGE = 1023  # QEMU formats the detail into a char[1024]
 JSONValue = dict[str, object] | list[object] | str | int | float | bool | None
 
 
-@dataclass(frozen=True)
-class JSONParseError:
+class JSONParseError(NamedTuple):
     """One input error, to be answered as ``{"error": {"class": "GenericError", ...}}``."""
 
     desc: str

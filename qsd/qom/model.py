@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from qsd import qapi
 from qsd.errors import QMPError
@@ -28,8 +27,7 @@ INT64_MAX = (1 << 63) - 1
 _DISPLAY_NAMES = {"str": "string"}
 
 
-@dataclass(frozen=True)
-class Property:
+class Property(NamedTuple):
     """A class property. ``qapi`` is the QAPI type a new value is visited as, ``get``
     returns the value in wire form, ``set`` (None: read-only) takes the visited value.
     ``guard`` refuses a change before the value is even looked at."""

@@ -19,7 +19,6 @@ import stat
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass
 
 from qsd.errors import QMPError
 from qsd.export.fuse import protocol as P
@@ -42,13 +41,13 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-@dataclass
 class FuseMount:
     """A mounted FUSE file system: its session fd and how to take it down again."""
 
-    mountpoint: str
-    fd: int
-    via_fusermount: bool
+    def __init__(self, mountpoint: str, fd: int, *, via_fusermount: bool) -> None:
+        self.mountpoint = mountpoint
+        self.fd = fd
+        self.via_fusermount = via_fusermount
 
     def unmount(self) -> None:
         """Lazily detaches the mount, like libfuse's ``fuse_kern_unmount()``.
