@@ -597,6 +597,29 @@ class BlockGraph:
 
     # ---- filters that jobs put on top of a node --------------------------------------------
 
+    def insert_filter(self, node: BlockNode, below: BlockNode) -> None:
+        """Adds ``node``, a filter a job made itself (not a driver of the registry, such
+        as QEMU's mirror_top), to the graph on top of ``below`` as its backing child: it
+        takes over every user of ``below`` (QEMU's bdrv_new_open_driver and bdrv_append).
+        QMPError and no change on a conflict; ``drop_filter`` takes it out again."""
+        if node.node_name in self.nodes:
+            raise QMPError(f"Duplicate nodes with node-name='{node.node_name}'")
+        self.nodes[node.node_name] = node
+        _ref_ctx(node.ctx)
+        try:
+            node.opened = True
+            self._append(node, below)
+            node.refresh_limits()
+            node.refresh_length()
+        except BaseException:
+            self.nodes.pop(node.node_name, None)
+            _unref_ctx(node.ctx)
+            raise
+
+    def generate_node_name(self) -> str:
+        """A name for an implicit node, as QEMU's id_generate(ID_BLOCK) makes them."""
+        return self._generate_name()
+
     async def insert_node(self, below: BlockNode, options: dict[str, object],
                           prepare: Callable[[BlockNode], None] | None = None) -> BlockNode:
         """Opens a filter from its wire options (its ``file`` naming ``below``) and puts

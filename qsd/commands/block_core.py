@@ -13,11 +13,13 @@ from qsd.commands.transaction import Steps, action, run_single
 from qsd.errors import QMPError
 from qsd.job.block_job import block_jobs, find_block_job
 from qsd.job.create import blockdev_create as start_blockdev_create
+from qsd.job.mirror import blockdev_mirror as start_blockdev_mirror
 from qsd.job.stream import block_stream as start_block_stream
 from qsd.qapi.generated import (
     BlockdevBackup,
     BlockdevCreateArgs,
     BlockdevDelArgs,
+    BlockdevMirrorArgs,
     BlockdevOptions,
     BlockdevSnapshot,
     BlockdevSnapshotArgs,
@@ -141,6 +143,11 @@ async def x_blockdev_set_iothread(daemon: Daemon, args: XBlockdevSetIothreadArgs
 @command("block-stream")
 async def block_stream(daemon: Daemon, args: BlockStreamArgs) -> None:
     await start_block_stream(daemon.jobs, daemon.graph, args)
+
+
+@command("blockdev-mirror")
+async def blockdev_mirror(daemon: Daemon, args: BlockdevMirrorArgs) -> None:
+    await start_blockdev_mirror(daemon.jobs, daemon.graph, args)
 
 
 @command("query-block-jobs")

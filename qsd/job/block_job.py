@@ -210,6 +210,22 @@ class BlockJob(Job, ChildParent):
         pass
 
 
+def is_root_node(node: BlockNode) -> bool:
+    """Whether only BlockBackends use ``node`` (QEMU's bdrv_is_root_node): no parent
+    node and no block job."""
+    return all(child.parent_node is None and not isinstance(child.parent, BlockJob)
+               for child in node.parents)
+
+
+def root_node(graph: BlockGraph, name: str) -> BlockNode:
+    """QEMU's qmp_get_root_bs(): the node a job command names as its device, which
+    only BlockBackends may use."""
+    node = graph.lookup(name)
+    if not is_root_node(node):
+        raise QMPError("Need a root block node")
+    return node
+
+
 def block_jobs(jobs: JobRegistry) -> list[BlockJob]:
     """The block jobs among all jobs, newest first (QEMU's block_job_next)."""
     return [job for job in jobs if isinstance(job, BlockJob)]

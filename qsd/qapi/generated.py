@@ -114,6 +114,12 @@ if typing.TYPE_CHECKING:
         never = 'never'
         always = 'always'
 
+    class MirrorCopyMode(enum.StrEnum):
+        """QAPI enum MirrorCopyMode."""
+
+        background = 'background'
+        write_blocking = 'write-blocking'
+
     class BlockdevDiscardOptions(enum.StrEnum):
         """QAPI enum BlockdevDiscardOptions."""
 
@@ -1541,6 +1547,44 @@ class BlockStreamArgs(_base.QAPIModel):
         _base.MemberSpec('filter-node-name', 'filter_node_name', 'str', True),
         _base.MemberSpec('auto-finalize', 'auto_finalize', 'bool', True),
         _base.MemberSpec('auto-dismiss', 'auto_dismiss', 'bool', True),
+    )
+
+
+class BlockdevMirrorArgs(_base.QAPIModel):
+    """QAPI arguments of BlockdevMirrorArgs."""
+
+    job_id: builtins.str | None = None
+    device: builtins.str
+    target: builtins.str
+    replaces: builtins.str | None = None
+    sync: MirrorSyncMode
+    speed: builtins.int | None = None
+    granularity: builtins.int | None = None
+    buf_size: builtins.int | None = None
+    on_source_error: BlockdevOnError | None = None
+    on_target_error: BlockdevOnError | None = None
+    filter_node_name: builtins.str | None = None
+    copy_mode: MirrorCopyMode | None = None
+    auto_finalize: builtins.bool | None = None
+    auto_dismiss: builtins.bool | None = None
+    target_is_zero: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('job-id', 'job_id', 'str', True),
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('target', 'target', 'str', False),
+        _base.MemberSpec('replaces', 'replaces', 'str', True),
+        _base.MemberSpec('sync', 'sync', 'MirrorSyncMode', False),
+        _base.MemberSpec('speed', 'speed', 'int', True),
+        _base.MemberSpec('granularity', 'granularity', 'uint32', True),
+        _base.MemberSpec('buf-size', 'buf_size', 'int', True),
+        _base.MemberSpec('on-source-error', 'on_source_error', 'BlockdevOnError', True),
+        _base.MemberSpec('on-target-error', 'on_target_error', 'BlockdevOnError', True),
+        _base.MemberSpec('filter-node-name', 'filter_node_name', 'str', True),
+        _base.MemberSpec('copy-mode', 'copy_mode', 'MirrorCopyMode', True),
+        _base.MemberSpec('auto-finalize', 'auto_finalize', 'bool', True),
+        _base.MemberSpec('auto-dismiss', 'auto_dismiss', 'bool', True),
+        _base.MemberSpec('target-is-zero', 'target_is_zero', 'bool', True),
     )
 
 
@@ -4810,6 +4854,7 @@ ENUMS: dict[str, tuple[tuple[str, str], ...]] = {
     'BlockdevOnError': (('report', 'report'), ('ignore', 'ignore'), ('enospc', 'enospc'), ('stop', 'stop'), ('auto', 'auto'), ),
     'MirrorSyncMode': (('top', 'top'), ('full', 'full'), ('none', 'none'), ('incremental', 'incremental'), ('bitmap', 'bitmap'), ),
     'BitmapSyncMode': (('on_success', 'on-success'), ('never', 'never'), ('always', 'always'), ),
+    'MirrorCopyMode': (('background', 'background'), ('write_blocking', 'write-blocking'), ),
     'BlockdevDiscardOptions': (('ignore', 'ignore'), ('unmap', 'unmap'), ),
     'BlockdevAioOptions': (('threads', 'threads'), ('native', 'native'), ('io_uring', 'io_uring'), ),
     'BlockdevDriver': (('blkdebug', 'blkdebug'), ('copy_before_write', 'copy-before-write'), ('file', 'file'), ('snapshot_access', 'snapshot-access'), ('nbd', 'nbd'), ('null_aio', 'null-aio'), ('null_co', 'null-co'), ('qcow2', 'qcow2'), ('raw', 'raw'), ('rbd', 'rbd'), ('throttle', 'throttle'), ),
@@ -4901,6 +4946,7 @@ TYPES: _base.TypeTable = _base.TypeTable({
     'BlockJobDismissArgs': BlockJobDismissArgs,
     'BlockJobFinalizeArgs': BlockJobFinalizeArgs,
     'BlockStreamArgs': BlockStreamArgs,
+    'BlockdevMirrorArgs': BlockdevMirrorArgs,
     'BlockJobCompletedEvent': BlockJobCompletedEvent,
     'BlockJobCancelledEvent': BlockJobCancelledEvent,
     'BlockJobErrorEvent': BlockJobErrorEvent,
@@ -5086,6 +5132,7 @@ COMMANDS: dict[str, _base.CommandInfo] = {
     'block-job-dismiss': _base.CommandInfo('block-job-dismiss', 'BlockJobDismissArgs', False, False, None, ('deprecated',)),
     'block-job-finalize': _base.CommandInfo('block-job-finalize', 'BlockJobFinalizeArgs', False, False, None, ('deprecated',)),
     'block-stream': _base.CommandInfo('block-stream', 'BlockStreamArgs', False, False, None, ()),
+    'blockdev-mirror': _base.CommandInfo('blockdev-mirror', 'BlockdevMirrorArgs', False, False, None, ()),
     'blockdev-add': _base.CommandInfo('blockdev-add', 'BlockdevOptions', True, False, None, ()),
     'blockdev-del': _base.CommandInfo('blockdev-del', 'BlockdevDelArgs', False, False, None, ()),
     'blockdev-create': _base.CommandInfo('blockdev-create', 'BlockdevCreateArgs', False, False, None, ()),
