@@ -190,6 +190,54 @@ def test_stream_under_writes(chain: tuple[Path, Path, Path, Path], tmp_path: Pat
     check(base, mid, top)
 
 
+def test_commit_an_intermediate_image(chain: tuple[Path, Path, Path, Path],
+                                      start_qsd: QsdFactory) -> None:
+    base, mid, top, reference = chain
+    mid_reference = base.parent / "mid.raw"
+    flatten(mid, mid_reference)
+    daemon = start_qsd()
+    qmp = Monitor(daemon)
+    add_chain(qmp, base, mid, top)
+    qmp.ok("block-commit", **{"job-id": "c0", "device": "top", "top-node": "mid",
+                              "base-node": "base"})
+    event = wait_done(qmp, "c0")
+    assert event["data"]["type"] == "commit"
+    nodes = {n["node-name"]: n for n in qmp.ok("query-named-block-nodes")}
+    assert nodes["top"]["backing_file"] == str(base)
+    quit_daemon(daemon, qmp)
+    assert backing_of(top) == str(base)
+    same(top, reference)
+    same(base, mid_reference)    # the base holds what mid showed
+    check(base, mid, top)
+
+
+def test_commit_the_active_layer(chain: tuple[Path, Path, Path, Path], tmp_path: Path,
+                                 start_qsd: QsdFactory) -> None:
+    """Active commit is a mirror into the base: ready, then job-complete moves the NBD
+    export from the top image to the base, which reads as the whole chain did."""
+    base, mid, top, reference = chain
+    daemon = start_qsd()
+    qmp = Monitor(daemon)
+    add_chain(qmp, base, mid, top)
+    sock = tmp_path / "nbd.sock"
+    qmp.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    qmp.ok("block-export-add", type="nbd", id="e0", **{"node-name": "top"}, writable=True)
+    qmp.ok("block-commit", **{"job-id": "c0", "device": "top", "base-node": "base"})
+    ready = qmp.wait_event("BLOCK_JOB_READY", 60)
+    assert ready["data"]["type"] == "commit"
+    qmp.ok("job-complete", id="c0")
+    wait_done(qmp, "c0")
+    assert [e["node-name"] for e in qmp.ok("query-block-exports")] == ["base"]
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
+                    f"nbd+unix:///top?socket={sock}", str(reference)], check=True,
+                   timeout=120)
+    qmp.ok("block-export-del", id="e0")
+    qmp.wait_event("BLOCK_EXPORT_DELETED")
+    quit_daemon(daemon, qmp)
+    same(base, reference)
+    check(base, mid, top)
+
+
 # ---- blockdev-mirror ---------------------------------------------------------------------------
 
 

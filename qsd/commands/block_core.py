@@ -12,10 +12,12 @@ from qsd.commands.registry import command
 from qsd.commands.transaction import Steps, action, run_single
 from qsd.errors import QMPError
 from qsd.job.block_job import block_jobs, find_block_job
+from qsd.job.commit import block_commit as start_block_commit
 from qsd.job.create import blockdev_create as start_blockdev_create
 from qsd.job.mirror import blockdev_mirror as start_blockdev_mirror
 from qsd.job.stream import block_stream as start_block_stream
 from qsd.qapi.generated import (
+    BlockCommitArgs,
     BlockdevBackup,
     BlockdevCreateArgs,
     BlockdevDelArgs,
@@ -143,6 +145,11 @@ async def x_blockdev_set_iothread(daemon: Daemon, args: XBlockdevSetIothreadArgs
 @command("block-stream")
 async def block_stream(daemon: Daemon, args: BlockStreamArgs) -> None:
     await start_block_stream(daemon.jobs, daemon.graph, args)
+
+
+@command("block-commit")
+async def block_commit(daemon: Daemon, args: BlockCommitArgs) -> None:
+    await start_block_commit(daemon.jobs, daemon.graph, args)
 
 
 @command("blockdev-mirror")

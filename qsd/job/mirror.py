@@ -1,5 +1,5 @@
-"""blockdev-mirror: a live copy of a node onto another, and the switch of every user to
-the copy (QEMU's block/mirror.c and qmp_blockdev_mirror).
+"""blockdev-mirror and active commit: a live copy of a node onto another, and the switch
+of every user to the copy (QEMU's block/mirror.c and qmp_blockdev_mirror).
 
 A filter node (``MirrorTop``, QEMU's implicit mirror_top) is put on top of the source,
 so that every write of the source's users passes the job: in ``background`` copy mode it
@@ -14,6 +14,9 @@ Copies and writes that copy are serialised over whole granules (a private
 RequestTracker), so two copies of one range reach the target in the order they were
 made.  A copy counts as a request in flight on both nodes from start to end, so a drain
 of either waits for it.
+
+Active commit (block-commit of the active layer) is the same job with the base as the
+target: ``commit_active``.
 """
 
 from __future__ import annotations
@@ -599,6 +602,12 @@ class MirrorJob(BlockJob):
         return info
 
 
+class CommitActiveJob(MirrorJob):
+    """Active commit: the mirror of the active layer into its base, job type commit."""
+
+    job_type = "commit"
+
+
 def _insert_top(graph: BlockGraph, source: BlockNode, name: str | None,
                 is_commit: bool) -> MirrorTop:
     top = MirrorTop(name or graph.generate_node_name(), source, is_commit)
@@ -683,3 +692,17 @@ async def blockdev_mirror(jobs: JobRegistry, graph: BlockGraph,
 
 def _policy(value: Any) -> str:
     return str(value.value) if value is not None else "report"
+
+
+async def commit_active(jobs: JobRegistry, graph: BlockGraph, job_id: str,
+                        top: BlockNode, base: BlockNode, on_error: str, speed: int,
+                        filter_node_name: str | None, auto_finalize: bool,
+                        auto_dismiss: bool) -> None:
+    """QEMU's commit_active_start(): a mirror of ``top`` into ``base``, everything below
+    the top dirty, completed by the user."""
+    await _start(CommitActiveJob, jobs, graph, job_id, top, base, filter_node_name,
+                 sync="top", zero_target=False, base=base,
+                 granularity=dirty_bitmap.default_granularity(base),
+                 buf_size=DEFAULT_BUF_SIZE, on_source_error=on_error,
+                 on_target_error=on_error, copy_mode="background", replaces=None,
+                 speed=speed, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)

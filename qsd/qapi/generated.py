@@ -1550,6 +1550,40 @@ class BlockStreamArgs(_base.QAPIModel):
     )
 
 
+class BlockCommitArgs(_base.QAPIModel):
+    """QAPI arguments of BlockCommitArgs."""
+
+    job_id: builtins.str | None = None
+    device: builtins.str
+    base_node: builtins.str | None = None
+    base: builtins.str | None = None
+    top_node: builtins.str | None = None
+    top: builtins.str | None = None
+    backing_file: builtins.str | None = None
+    backing_mask_protocol: builtins.bool | None = None
+    speed: builtins.int | None = None
+    on_error: BlockdevOnError | None = None
+    filter_node_name: builtins.str | None = None
+    auto_finalize: builtins.bool | None = None
+    auto_dismiss: builtins.bool | None = None
+
+    __qapi_members__ = (
+        _base.MemberSpec('job-id', 'job_id', 'str', True),
+        _base.MemberSpec('device', 'device', 'str', False),
+        _base.MemberSpec('base-node', 'base_node', 'str', True),
+        _base.MemberSpec('base', 'base', 'str', True),
+        _base.MemberSpec('top-node', 'top_node', 'str', True),
+        _base.MemberSpec('top', 'top', 'str', True),
+        _base.MemberSpec('backing-file', 'backing_file', 'str', True),
+        _base.MemberSpec('backing-mask-protocol', 'backing_mask_protocol', 'bool', True),
+        _base.MemberSpec('speed', 'speed', 'int', True),
+        _base.MemberSpec('on-error', 'on_error', 'BlockdevOnError', True),
+        _base.MemberSpec('filter-node-name', 'filter_node_name', 'str', True),
+        _base.MemberSpec('auto-finalize', 'auto_finalize', 'bool', True),
+        _base.MemberSpec('auto-dismiss', 'auto_dismiss', 'bool', True),
+    )
+
+
 class BlockdevMirrorArgs(_base.QAPIModel):
     """QAPI arguments of BlockdevMirrorArgs."""
 
@@ -4946,6 +4980,7 @@ TYPES: _base.TypeTable = _base.TypeTable({
     'BlockJobDismissArgs': BlockJobDismissArgs,
     'BlockJobFinalizeArgs': BlockJobFinalizeArgs,
     'BlockStreamArgs': BlockStreamArgs,
+    'BlockCommitArgs': BlockCommitArgs,
     'BlockdevMirrorArgs': BlockdevMirrorArgs,
     'BlockJobCompletedEvent': BlockJobCompletedEvent,
     'BlockJobCancelledEvent': BlockJobCancelledEvent,
@@ -5132,6 +5167,7 @@ COMMANDS: dict[str, _base.CommandInfo] = {
     'block-job-dismiss': _base.CommandInfo('block-job-dismiss', 'BlockJobDismissArgs', False, False, None, ('deprecated',)),
     'block-job-finalize': _base.CommandInfo('block-job-finalize', 'BlockJobFinalizeArgs', False, False, None, ('deprecated',)),
     'block-stream': _base.CommandInfo('block-stream', 'BlockStreamArgs', False, False, None, ()),
+    'block-commit': _base.CommandInfo('block-commit', 'BlockCommitArgs', False, False, None, ()),
     'blockdev-mirror': _base.CommandInfo('blockdev-mirror', 'BlockdevMirrorArgs', False, False, None, ()),
     'blockdev-add': _base.CommandInfo('blockdev-add', 'BlockdevOptions', True, False, None, ()),
     'blockdev-del': _base.CommandInfo('blockdev-del', 'BlockdevDelArgs', False, False, None, ()),
