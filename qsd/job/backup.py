@@ -29,7 +29,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from qsd.aio import main_context
 from qsd.block import dirty_bitmap, drain
 from qsd.block.block_copy import BlockCopyState, CopyCall
 from qsd.block.dirty_bitmap import DirtyBitmap
@@ -40,7 +39,7 @@ from qsd.block.node import BlockNode
 from qsd.block.permissions import PERM_ALL
 from qsd.errors import QMPError
 from qsd.job.block_job import BlockJob
-from qsd.job.core import PAUSED, JobRegistry, JobTxn
+from qsd.job.core import JobRegistry, JobTxn
 
 
 @dataclass
@@ -254,8 +253,7 @@ async def end_prepared(job: BackupJob, section: drain.Section) -> None:
     before the command that started it replies."""
     drain.drained_end(section)
     job.resume()
-    while job.ctx is main_context() and job.status == PAUSED and not job.pause_count:
-        await asyncio.sleep(0)
+    await job.settle()
 
 
 async def _backup_job_create(jobs: JobRegistry, graph: BlockGraph, args: Any,
