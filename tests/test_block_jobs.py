@@ -97,6 +97,19 @@ def quit_daemon(daemon: Qsd, qmp: Monitor) -> None:
     assert daemon.wait() == 0
 
 
+def exported_chain(start_qsd: QsdFactory, chain: tuple[Path, Path, Path, Path],
+                   sock: Path) -> tuple[Qsd, Monitor]:
+    """A daemon with the chain's nodes and 'top' exported writable over NBD at ``sock``
+    (export name 'top')."""
+    base, mid, top, _ = chain
+    daemon = start_qsd()
+    qmp = Monitor(daemon)
+    add_chain(qmp, base, mid, top)
+    qmp.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    qmp.ok("block-export-add", type="nbd", id="e0", **{"node-name": "top"}, writable=True)
+    return daemon, qmp
+
+
 @pytest.fixture
 def chain(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     base, mid, top = make_chain(tmp_path)
@@ -159,12 +172,8 @@ def test_stream_under_writes(chain: tuple[Path, Path, Path, Path], tmp_path: Pat
     """fio writes the top image through NBD while the stream copies into it: every
     block fio wrote reads back as written (no copy of the chain lands over it)."""
     base, mid, top, _ = chain
-    daemon = start_qsd()
-    qmp = Monitor(daemon)
-    add_chain(qmp, base, mid, top)
     sock = tmp_path / "nbd.sock"
-    qmp.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
-    qmp.ok("block-export-add", type="nbd", id="e0", **{"node-name": "top"}, writable=True)
+    daemon, qmp = exported_chain(start_qsd, chain, sock)
     # 2048 random 4 KiB writes at 500 a second, each block once, then read back.
     load = subprocess.Popen(fio_nbd(sock, "top", "--rw=randwrite", "--size=8M",
                                     "--verify=crc32c", "--rate_iops=500", "--do_verify=1"),
@@ -216,12 +225,8 @@ def test_commit_the_active_layer(chain: tuple[Path, Path, Path, Path], tmp_path:
     """Active commit is a mirror into the base: ready, then job-complete moves the NBD
     export from the top image to the base, which reads as the whole chain did."""
     base, mid, top, reference = chain
-    daemon = start_qsd()
-    qmp = Monitor(daemon)
-    add_chain(qmp, base, mid, top)
     sock = tmp_path / "nbd.sock"
-    qmp.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
-    qmp.ok("block-export-add", type="nbd", id="e0", **{"node-name": "top"}, writable=True)
+    daemon, qmp = exported_chain(start_qsd, chain, sock)
     qmp.ok("block-commit", **{"job-id": "c0", "device": "top", "base-node": "base"})
     ready = qmp.wait_event("BLOCK_JOB_READY", 60)
     assert ready["data"]["type"] == "commit"

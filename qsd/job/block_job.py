@@ -16,6 +16,7 @@ pieces of work.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,9 @@ class BlockJob(Job, ChildParent):
                          auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, txn=txn)
         self.graph = graph
         self.nodes: list[Child] = []
+        # Nodes the job cut out of a chain (stream, commit): closed once the job is
+        # gone and nothing holds them any more.
+        self.dropped: list[BlockNode] = []
         self.speed = 0
         self.limit = RateLimit()
         self.iostatus = "ok"
@@ -70,6 +74,9 @@ class BlockJob(Job, ChildParent):
 
     def free(self) -> None:
         self.remove_all_nodes()
+        if self.dropped:
+            self.graph.keep(asyncio.get_running_loop().create_task(
+                _release(self.graph, self.dropped)))
 
     # ---- speed --------------------------------------------------------------------------------
 
@@ -208,6 +215,11 @@ class BlockJob(Job, ChildParent):
 
     def child_changed(self, child: Child) -> None:
         pass
+
+
+async def _release(graph: BlockGraph, nodes: list[BlockNode]) -> None:
+    for node in nodes:
+        await graph.release(node)
 
 
 def is_root_node(node: BlockNode) -> bool:

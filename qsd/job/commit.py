@@ -14,7 +14,6 @@ reads of the intermediate images instead (the images above still read through th
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 from qsd.block import chain, drain, io
@@ -32,7 +31,7 @@ from qsd.errors import QMPError, error_report
 from qsd.job.block_job import BlockJob, root_node
 from qsd.job.core import JobRegistry
 from qsd.job.mirror import commit_active
-from qsd.job.stream import backing_format, drop_nodes
+from qsd.job.stream import backing_format
 
 if TYPE_CHECKING:
     from qsd.qapi.generated import BlockCommitArgs
@@ -52,7 +51,6 @@ class CommitJob(BlockJob):
         base_perm = PERM_CONSISTENT_READ | PERM_WRITE
         if base.length() < top.length():
             base_perm |= PERM_RESIZE
-        self.dropped: list[BlockNode] = []     # cut out of the chain (prepare)
         super().__init__(jobs, job_id, graph, node, 0, PERM_ALL, speed=speed,
                          auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self.base = base
@@ -141,12 +139,6 @@ class CommitJob(BlockJob):
                 error_report(f"Could not update backing file link: {exc.strerror}")
                 return -(exc.errno or 5)
         return 0
-
-    def free(self) -> None:
-        super().free()
-        if self.dropped:
-            self.graph.keep(asyncio.get_running_loop().create_task(
-                drop_nodes(self.graph, self.dropped)))
 
 
 async def block_commit(jobs: JobRegistry, graph: BlockGraph, args: BlockCommitArgs) -> None:

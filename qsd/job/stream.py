@@ -14,7 +14,6 @@ along and no implicit node shows in the queries while it runs.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 from qsd.block import chain, drain, io
@@ -46,13 +45,6 @@ def backing_format(base: BlockNode, mask_protocol: bool) -> str:
     return base.driver
 
 
-async def drop_nodes(graph: BlockGraph, nodes: list[BlockNode]) -> None:
-    """Closes the nodes a job cut out of a chain that nothing holds any more (QEMU
-    drops them with their last reference)."""
-    for node in nodes:
-        await graph.release(node)
-
-
 class StreamJob(BlockJob):
     job_type = "stream"
 
@@ -60,7 +52,6 @@ class StreamJob(BlockJob):
                  node: BlockNode, base_overlay: BlockNode, above_base: BlockNode,
                  backing_file: str | None, mask_protocol: bool, on_error: str, speed: int,
                  auto_finalize: bool, auto_dismiss: bool) -> None:
-        self.dropped: list[BlockNode] = []     # cut out of the chain (prepare)
         # Writes of the data that is already there; nobody may resize the image, as its
         # length is read once at the start.
         super().__init__(jobs, job_id, graph, node, _BASIC, _BASIC | PERM_WRITE,
@@ -159,12 +150,6 @@ class StreamJob(BlockJob):
     async def clean(self) -> None:
         self.node.copy_on_read -= 1
         self.node.notify_changed()
-
-    def free(self) -> None:
-        super().free()
-        if self.dropped:
-            self.graph.keep(asyncio.get_running_loop().create_task(
-                drop_nodes(self.graph, self.dropped)))
 
 
 async def block_stream(jobs: JobRegistry, graph: BlockGraph, args: BlockStreamArgs) -> None:
