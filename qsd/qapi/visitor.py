@@ -33,20 +33,22 @@ INT64_MIN, INT64_MAX, UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
 SIGNED = ("int", "int64", "int8", "int16", "int32")
 UNSIGNED = ("uint64", "uint8", "uint16", "uint32")
 
+# The patterns are compiled on first use (re's cache keeps them): a daemon's start
+# rarely needs them, and compiling them all took almost 1 % of it.
 # qemu_strtoi64()/qemu_strtou64() with base 0: C whitespace, a sign, then hex,
 # octal or decimal digits, and nothing after them.
-_C_INTEGER = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
+_C_INTEGER = r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z"
 # qemu_strtosz(): decimal with an optional fraction and one-letter scale suffix,
 # or plain hex (no fraction, no suffix).
-_SIZE_DECIMAL = re.compile(r"[ \t\n\v\f\r]*([0-9]*)(?:\.([0-9]*))?([bBkKmMgGtTpPeE]?)\Z")
-_SIZE_HEX = re.compile(r"[ \t\n\v\f\r]*0[xX]([0-9a-fA-F]+)\Z")
+_SIZE_DECIMAL = r"[ \t\n\v\f\r]*([0-9]*)(?:\.([0-9]*))?([bBkKmMgGtTpPeE]?)\Z"
+_SIZE_HEX = r"[ \t\n\v\f\r]*0[xX]([0-9a-fA-F]+)\Z"
 _SIZE_SHIFT = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 # qapi_bool_parse()
 _BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
                "off": False, "no": False, "false": False, "n": False}
-_C_FLOAT = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-                      r"|0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)"
-                      r"(?:[pP][+-]?[0-9]+)?|inf(?:inity)?|nan)\Z", re.IGNORECASE)
+_C_FLOAT = (r"[ \t\n\v\f\r]*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+            r"|0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)"
+            r"(?:[pP][+-]?[0-9]+)?|inf(?:inity)?|nan)\Z")
 
 
 def parse_c_integer(text: str, *, unsigned: bool) -> int | None:
@@ -54,7 +56,7 @@ def parse_c_integer(text: str, *, unsigned: bool) -> int | None:
 
     Like strtoull, the unsigned form accepts a minus sign and wraps modulo 2**64.
     """
-    m = _C_INTEGER.match(text)
+    m = re.match(_C_INTEGER, text)
     if m is None:
         return None
     digits = m.group(2)
@@ -75,11 +77,11 @@ def parse_c_integer(text: str, *, unsigned: bool) -> int | None:
 
 def parse_size(text: str) -> int | None:
     """qemu_strtosz(): '4096', '1.5M', '2g', '0x1000'; None where QEMU fails."""
-    m = _SIZE_HEX.match(text)
+    m = re.match(_SIZE_HEX, text)
     if m is not None:
         value = int(m.group(1), 16)
         return value if value <= UINT64_MAX else None
-    m = _SIZE_DECIMAL.match(text)
+    m = re.match(_SIZE_DECIMAL, text)
     if m is None or not (m.group(1) or m.group(2)):
         return None
     whole, fraction, suffix = m.group(1), m.group(2), m.group(3).lower()
@@ -294,7 +296,7 @@ class Visitor:
     def visit_number(self, name: str | None, value: object) -> float:
         if self.keyval:
             text = self.keyval_string(name, value)
-            if _C_FLOAT.match(text) is None:
+            if re.match(_C_FLOAT, text, re.IGNORECASE) is None:
                 raise self.type_error(name, "number")
             parsed = float.fromhex(text.strip()) if "x" in text.lower() else float(text)
             if not math.isfinite(parsed):
