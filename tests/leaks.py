@@ -84,6 +84,20 @@ def measure(qsd: Qsd) -> Counters:
                     pending=inside["pending"])
 
 
+def settled(qsd: Qsd, timeout: float = 10.0) -> Counters:
+    """The counters once they hold still (two readings 0.2 s apart agree): the baseline
+    to compare with, taken after what the warm-up started (a connection's handler, a
+    request's task) has ended."""
+    deadline = time.monotonic() + timeout
+    last = measure(qsd)
+    while True:
+        time.sleep(0.2)
+        now = measure(qsd)
+        if now.counts() == last.counts() or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 def assert_no_leaks(qsd: Qsd, before: Counters, timeout: float = 30.0) -> Counters:
     """Waits (up to ``timeout``) for every count to come back to ``before``'s; then
     checks memory.  Returns the last measurement."""

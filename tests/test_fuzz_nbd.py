@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from qsd.nbd import protocol as P
 from tests.harness import Monitor, Qsd, wait_for_listener
-from tests.leaks import Counters, assert_no_leaks, measure
+from tests.leaks import Counters, assert_no_leaks, settled
 
 EXAMPLES = 20000 if os.environ.get("QSD_FUZZ") == "1" else 400
 MiB = 1 << 20
@@ -425,7 +425,7 @@ def _session(server: Server, client_flags: int, opts: list[Option], ending: tupl
 def test_nbd_server(server: Server, session: Session) -> None:
     server.examples += 1
     if server.examples == max(1, EXAMPLES // 10):
-        server.before = measure(server.qsd)
+        server.before = settled(server.qsd)
     _session(server, session.client_flags, session.options, session.ending,
              session.requests)
     _healthy_read(server)

@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 
 from qsd.qapi.introspection import SCHEMA
 from tests.harness import Monitor, Qsd, RawMonitor, wait_for_listener
-from tests.leaks import Counters, assert_no_leaks, measure
+from tests.leaks import Counters, assert_no_leaks, settled
 
 EXAMPLES = 20000 if os.environ.get("QSD_FUZZ") == "1" else 300
 ERROR_CLASSES = {"GenericError", "CommandNotFound", "DeviceNotFound", "DeviceNotActive",
@@ -318,7 +318,7 @@ def test_monitor(daemon: Daemon, msgs: list[Message]) -> None:
         monitor = Monitor(daemon.qsd)
         _cleanup(monitor)
         monitor.raw.close()
-        daemon.before = measure(daemon.qsd)
+        daemon.before = settled(daemon.qsd)
     raw = RawMonitor(daemon.qsd.qmp_path)
     raw.sock.settimeout(60)
     try:

@@ -32,7 +32,7 @@ import nbd
 import pytest
 
 from tests.harness import Monitor, Qsd, RawMonitor, wait_for_listener
-from tests.leaks import Counters, assert_no_leaks, measure
+from tests.leaks import Counters, assert_no_leaks, settled
 
 FULL = os.environ.get("QSD_STRESS") == "1"
 MiB = 1 << 20
@@ -242,7 +242,7 @@ def test_export_churn(daemon_factory: Callable[..., Daemon], uring: bool) -> Non
         try:
             for kind in kinds:                     # warm-up: every kind once
                 cycle(kind)
-            before = measure(d.qsd)
+            before = settled(d.qsd)
             started = time.monotonic()
             cycles = scale(1000, len(kinds))
             for i in range(cycles):
@@ -343,7 +343,7 @@ def test_many_nbd_clients(daemon_factory: Callable[..., Daemon]) -> None:
             return counts
 
         run_round(0, clients)                          # warm-up
-        before = measure(d.qsd)
+        before = settled(d.qsd)
         started = time.monotonic()
         total = failed = 0
         for r in range(rounds):
@@ -486,7 +486,7 @@ def test_monitors_while_exports_change(daemon_factory: Callable[..., Daemon]) ->
             return sum(counts)
 
         run_all(10)                                     # warm-up
-        before = measure(d.qsd)
+        before = settled(d.qsd)
         started = time.monotonic()
         sent = run_all(commands)
         assert d.monitor.ok("query-block-exports") == []
@@ -545,7 +545,7 @@ def test_iothreads_come_and_go_under_io(daemon_factory: Callable[..., Daemon]) -
             m.ok("x-blockdev-set-iothread", **{"node-name": "disk"}, iothread=None,
                  force=True)
             m.ok("object-del", id="io0")
-            before = measure(d.qsd)
+            before = settled(d.qsd)
             started = time.monotonic()
             moves = scale(300, 50)
             for i in range(moves):
