@@ -431,3 +431,31 @@ def test_nbd_server(server: Server, session: Session) -> None:
     _healthy_read(server)
     stderr = server.qsd.read_stderr()
     assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+
+
+def test_zero_length_write(server: Server) -> None:
+    """Found by this fuzzer: a write of 0 bytes failed an assertion in the request
+    decoder (a traceback, the connection lost); 11.1.3 answers it with success."""
+    for extended in (False, True):
+        conn = Conn(server.sock)
+        try:
+            _greeting(conn, P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES)
+            if extended:
+                assert _option(conn, P.NBD_OPT_EXTENDED_HEADERS, b"")[-1][0] == P.NBD_REP_ACK
+                conn.extended = conn.structured = True
+            assert _option(conn, P.NBD_OPT_GO, _name_payload("disk"))[-1][0] == P.NBD_REP_ACK
+            if extended:
+                conn.send(struct.pack(">IHHQQQ", P.NBD_EXTENDED_REQUEST_MAGIC, 0,
+                                      P.NBD_CMD_WRITE, 5, 4096, 0))
+                flags, ctype, cookie, _, length = struct.unpack(">HHQQQ", conn.recv(32)[4:])
+                assert (flags, ctype, cookie, length) == (
+                    P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_NONE, 5, 0)
+            else:
+                conn.send(struct.pack(">IHHQQI", P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_WRITE, 5,
+                                      4096, 0))
+                assert struct.unpack(">IIQ", conn.recv(16)) == (P.NBD_SIMPLE_REPLY_MAGIC, 0, 5)
+        finally:
+            conn.close()
+    _healthy_read(server)
+    stderr = server.qsd.read_stderr()
+    assert "Traceback" not in stderr, stderr

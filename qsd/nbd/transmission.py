@@ -342,14 +342,12 @@ class NbdClient(SocketCarrier):
                 if self.quiescing:
                     break
                 self.inflight += 1
-            if payload_len:
-                payload = bytes(buf[hsize:end])
+            payload = bytes(buf[hsize:end]) if payload_len else b""
             del buf[:end]
-            if payload_len:
-                if req.type == NBD_CMD_WRITE:
-                    req.data = payload
-                elif req.type == NBD_CMD_BLOCK_STATUS:
-                    self._parse_status_payload(req, payload)
+            if req.type == NBD_CMD_WRITE:
+                req.data = payload          # a write of 0 bytes succeeds, as in QEMU
+            elif payload_len and req.type == NBD_CMD_BLOCK_STATUS:
+                self._parse_status_payload(req, payload)
             if error is None:
                 error = self._check_request(req)
             if error is not None:
