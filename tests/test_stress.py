@@ -153,9 +153,14 @@ class Fio:
         return False
 
     def kill(self) -> None:
+        """After a failure: a job stuck in the kernel on an export that no longer answers
+        keeps fio's pipes open, so this does not wait for it forever."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.communicate()
+        try:
+            self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
 
     def stop(self) -> dict[str, Any]:
         if self.proc.poll() is None:
