@@ -126,15 +126,15 @@ def fio_load(daemon: Daemon) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         ["fio", "--name=load", f"--filename={daemon.mountpoint}", "--direct=1", "--bs=4k",
          "--rw=randrw", "--ioengine=libaio", "--iodepth=16", "--numjobs=2",
-         "--size=16m", "--time_based", "--runtime=30"],
+         "--size=16m", "--time_based", "--runtime=30", "--thread"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
 
 
 def stop_fio(fio: subprocess.Popen[bytes]) -> None:
-    """By its process group, which fio's job processes share: killing only the parent
-    left them running for the rest of the suite.  With its file gone, fio has nothing
-    left to show."""
+    """fio runs its jobs as threads (--thread): job processes put themselves in sessions
+    of their own, so neither killing the parent nor its process group reached them, and
+    they were left running for hours.  With its file gone, fio has nothing left to show."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(fio.pid, signal.SIGKILL)
     fio.wait()

@@ -128,7 +128,7 @@ class Fio:
         self.proc = subprocess.Popen(
             ["fio", "--name=load", f"--filename={path}", "--direct=1", "--bs=4k",
              "--rw=randrw", "--ioengine=psync", "--size=32M", "--time_based",
-             "--runtime=3600", "--output-format=json"],
+             "--runtime=3600", "--output-format=json", "--thread"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         # Until its job has the file open, fio dies of SIGINT without a summary.
         deadline = time.monotonic() + 60
@@ -138,19 +138,13 @@ class Fio:
             time.sleep(0.05)
 
     def _has_open(self, path: Path) -> bool:
-        """Whether a job process of fio's (a child, in a session of its own) has ``path``
-        open."""
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) != self.proc.pid:
-                        continue
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
-                        return True
-            except OSError:
-                continue
-        return False
+        """Whether fio's job (a thread: job processes put themselves in sessions of their
+        own, out of reach of a kill of fio's process group) has ``path`` open."""
+        fds = f"/proc/{self.proc.pid}/fd"
+        try:
+            return any(os.readlink(f"{fds}/{fd}") == str(path) for fd in os.listdir(fds))
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """After a failure: a job stuck in the kernel on an export that no longer answers
