@@ -67,11 +67,44 @@ class Model:
             [(0, initial[i * BLOCK:(i + 1) * BLOCK])] for i in range(self.blocks)]
         self.ids = 0
         self.completed: dict[int, int] = {}      # block -> issue id of its last write
+        # For the failure message: every value each block was given, the block and id
+        # each written tag belongs to, and what happened to each block in order.
+        self.history: list[list[tuple[int, bytes]]] = [list(v) for v in self.values]
+        self.owners: dict[bytes, tuple[int, int]] = {}
+        self.events: dict[int, list[str]] = {}
+        self.flushes: list[dict[int, int]] = []     # the snapshots of completed flushes
 
     def issued(self, block: int, value: bytes) -> int:
         self.ids += 1
         self.values[block].append((self.ids, value))
+        self.history[block].append((self.ids, value))
+        self.owners[value[:8]] = (block, self.ids)
         return self.ids
+
+    def note(self, block: int, event: str) -> None:
+        self.events.setdefault(block, []).append(f"{event} after {len(self.flushes)} flushes")
+
+    def describe(self, block: int, data: bytes) -> str:
+        """What each sector of a block that failed holds: one of its own values (and
+        whether still allowed), zeroes, another block's value, or something else."""
+        sectors = []
+        for s in range(0, BLOCK, SECTOR):
+            sector = data[s:s + SECTOR]
+            own = [i for i, v in self.history[block] if v[s:s + SECTOR] == sector]
+            if own:
+                allowed = any(i == own[-1] for i, _ in self.values[block])
+                sectors.append(f"#{own[-1]}{'' if allowed else ' (no longer allowed)'}")
+            elif sector == bytes(SECTOR):
+                sectors.append("zeroes")
+            elif sector[:8] in self.owners:
+                owner, ident = self.owners[sector[:8]]
+                sectors.append(f"block {owner}'s #{ident}")
+            else:
+                sectors.append("unknown " + sector[:16].hex())
+        flushed = {f"#{f[block]}": n + 1 for n, f in enumerate(self.flushes) if block in f}
+        return (f"block {block} holds {sectors}; allowed "
+                f"{[i for i, _ in self.values[block]]}; events {self.events.get(block)}; "
+                f"the last flush that made each durable {flushed}")
 
     def done(self, block: int, ident: int) -> None:
         self.completed[block] = ident
@@ -81,6 +114,7 @@ class Model:
 
     def flush_done(self, snapshot: dict[int, int]) -> None:
         """Writes completed before the flush was sent are durable now."""
+        self.flushes.append(snapshot)
         for block, ident in snapshot.items():
             self.values[block] = [(i, v) for i, v in self.values[block] if i >= ident]
 
@@ -111,6 +145,7 @@ def writer(sock: Path, model: Model, rng: random.Random, stop: threading.Event) 
                 if h.aio_command_completed(cookie):
                     blocks, idents = inflight.pop(cookie)
                     for block, ident in zip(blocks, idents, strict=True):
+                        model.note(block, f"done #{ident}")
                         model.done(block, ident)
                         busy.discard(block)
             for cookie in list(flushing):
@@ -148,6 +183,8 @@ def writer(sock: Path, model: Model, rng: random.Random, stop: threading.Event) 
                     cookie = h.aio_trim(nblocks * BLOCK, first * BLOCK)
             idents = [model.issued(block, value)
                       for block, value in zip(blocks, values, strict=True)]
+            for block, ident in zip(blocks, idents, strict=True):
+                model.note(block, f"{kind} #{ident} ({nblocks} from {first})")
             busy.update(blocks)
             inflight[cookie] = (blocks, idents)
     except nbd.Error:
@@ -223,4 +260,5 @@ def test_kill_while_writing(kind: str, workdir: Path) -> None:
         after = read_image(image, workdir)
         bad = [b for b in range(model.blocks)
                if not model.allowed(b, after[b * BLOCK:(b + 1) * BLOCK])]
-        assert not bad, f"round {round_}: blocks {bad[:10]} hold no value they may hold"
+        assert not bad, f"round {round_}: blocks {bad[:10]} hold no value they may hold\n" + \
+            "\n".join(model.describe(b, after[b * BLOCK:(b + 1) * BLOCK]) for b in bad[:6])

@@ -6,7 +6,8 @@ zeroes) around the write; the L2 table reaches the file only with a flush, after
 refcount that accounts for the new cluster; ``qemu-img check`` and ``qemu-img compare``
 agree with what was written.  Where a step would wait (lazy refcounts before the image
 is marked dirty, a backing read past the backing file's end) the inline path declines
-and the long way does the write.
+and the long way does the write.  A cluster freed by a discard takes new data only once
+the hole punched into the file for it is done.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import json
 import os
 import random
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from qsd import qapi
 from qsd.block.backend import BlockBackend
+from qsd.block.drivers import file as file_driver
 from qsd.block.drivers.qcow2.driver import Qcow2Node
 from qsd.block.graph import BlockGraph
 from qsd.block.permissions import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
@@ -213,3 +218,55 @@ async def test_cache_clean_waits_for_the_lock(graph: BlockGraph, tmp_path: Path)
         await asyncio.sleep(0.1)
     assert not node.l2_cache.entries
     assert bytes(await blk.read(0, 4096)) == b"\x07" * 4096
+
+
+async def test_freed_cluster_discarded_before_reuse(graph: BlockGraph, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster freed by a guest discard (pass-discard-request) is handed out again
+    after the next flush; the hole punched into the file for it must be done by then.
+    A punch left running in the background met the cluster's next data, written inline
+    (the kill -9 rounds found blocks of zeroes).  The punch is held back here until the
+    discard, a flush and a write to another cluster had their chance to finish."""
+    img = tmp_path / "reuse.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", str(img), str(SIZE)).returncode == 0
+    node = await graph.blockdev_add(opts(driver="qcow2", node_name="q", discard="unmap",
+                                         file={"driver": "file", "filename": str(img)}))
+    assert isinstance(node, Qcow2Node)
+    blk = BlockBackend(graph, node, perm=PERM_CONSISTENT_READ | PERM_WRITE,
+                       shared=PERM_ALL & ~PERM_RESIZE)
+    await blk.write(0, b"\x01" * CLUSTER)
+    await blk.flush()
+    host = l2_entry_on_disk(img, 0) & 0x00FFFFFFFFFFFE00
+    punching, punched, release = threading.Event(), threading.Event(), threading.Event()
+    real = file_driver.fallocate
+
+    def held(fd: int, mode: int, offset: int, length: int) -> None:
+        if mode & file_driver.FALLOC_FL_PUNCH_HOLE and offset == host:
+            punching.set()
+            release.wait(30)
+            real(fd, mode, offset, length)
+            punched.set()
+            return
+        real(fd, mode, offset, length)
+
+    monkeypatch.setattr(file_driver, "fallocate", held)
+    new = b"\x05" * 4096
+
+    async def guest() -> None:
+        await blk.discard(0, CLUSTER)
+        await blk.flush()
+        if not blk.write_nowait(5 * CLUSTER, new):
+            await blk.write(5 * CLUSTER, new)
+
+    work = asyncio.create_task(guest())
+    try:
+        assert await asyncio.to_thread(punching.wait, 30)
+        await asyncio.wait({work}, timeout=1)
+    finally:
+        release.set()
+    await work
+    assert await asyncio.to_thread(punched.wait, 30)
+    await blk.flush()
+    # The new data went into the freed cluster, and the punch did not take it away.
+    assert l2_entry_on_disk(img, 5 * CLUSTER) & 0x00FFFFFFFFFFFE00 == host
+    assert bytes(await blk.read(5 * CLUSTER, 4096)) == new

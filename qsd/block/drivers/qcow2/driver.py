@@ -505,13 +505,13 @@ class Qcow2Node(BlockNode):
             else:
                 self.meta.pop(cluster, None)
 
-    def discard_freed(self, offset: int, length: int, kind: int) -> None:
+    async def discard_freed(self, offset: int, length: int, kind: int) -> None:
         rt = self.opts_rt
         if rt is None or not rt.discard_passthrough[kind]:
             return
         file = self.file
         assert file is not None
-        self.start_background(self._discard_file(file, offset, length))
+        await self._discard_file(file, offset, length)
 
     async def _discard_file(self, file: Child, offset: int, length: int) -> None:
         try:
@@ -1308,7 +1308,7 @@ class Qcow2Node(BlockNode):
         assert rc is not None and geo is not None
         if self.data_child is not self.file:
             if kind == DISCARD_REQUEST and entry & fmt.L2E_OFFSET_MASK:
-                self.discard_freed_data(entry & fmt.L2E_OFFSET_MASK)
+                await self.discard_freed_data(entry & fmt.L2E_OFFSET_MASK)
             return
         if entry & fmt.OFLAG_COMPRESSED:
             coffset, csize = geo.compressed(entry)
@@ -1319,12 +1319,13 @@ class Qcow2Node(BlockNode):
         elif entry & fmt.L2E_OFFSET_MASK:
             await rc.free(entry & fmt.L2E_OFFSET_MASK, geo.cluster_size, kind)
 
-    def discard_freed_data(self, host: int) -> None:
-        """An external data file's cluster is no longer used: discard it if asked to."""
+    async def discard_freed_data(self, host: int) -> None:
+        """An external data file's cluster is no longer used: discard it if asked to,
+        before the request returns (the guest may write the cluster again at once)."""
         rt, data, geo = self.opts_rt, self.data_child, self.geo
         assert rt is not None and data is not None and geo is not None
         if rt.discard_passthrough[DISCARD_REQUEST]:
-            self.start_background(self._discard_file(data, host, geo.cluster_size))
+            await self._discard_file(data, host, geo.cluster_size)
 
     # ---- zero writes and discards --------------------------------------------------------
 

@@ -12,7 +12,10 @@ Crash safety, in the order things reach the file:
   old table is freed only afterwards;
 - a cluster whose refcount dropped to 0 is not handed out again before the next flush
   has written the tables that dropped it (``flushed()``), so a reference to it that is
-  still on disk never meets new data.
+  still on disk never meets new data;
+- a freed cluster the file is told to discard is discarded before the update that freed
+  it returns (QEMU's qcow2_process_discards, under the lock): a discard left running
+  could punch a hole into the cluster's next data once the flush made it free again.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class ImageIO(Protocol):
 
     def set_meta(self, offset: int, clusters: int, kind: int) -> None: ...
 
-    def discard_freed(self, offset: int, length: int, kind: int) -> None: ...
+    async def discard_freed(self, offset: int, length: int, kind: int) -> None: ...
 
     def corruption(self, message: str, offset: int = -1, size: int = -1,
                    fatal: bool = True) -> OSError: ...
@@ -129,6 +132,7 @@ class Refcounts:
             await self.caches.set_dependency(self.caches.refblocks, self.caches.l2)
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
+        freed: list[tuple[int, int]] = []
         freed_start = -1
         for cluster in range(first, last + 1):
             block = await self._block(cluster >> self.block_bits)
@@ -148,15 +152,18 @@ class Refcounts:
                 if freed_start < 0:
                     freed_start = cluster
             elif freed_start >= 0:
-                self._freed(freed_start, cluster, discard)
+                self._freed(freed_start, cluster, freed)
                 freed_start = -1
         if freed_start >= 0:
-            self._freed(freed_start, last + 1, discard)
+            self._freed(freed_start, last + 1, freed)
+        # Once all of them are counted, as QEMU does; not at all after a failure.
+        for start, end in freed:
+            await self.image.discard_freed(start << self.cluster_bits,
+                                           (end - start) << self.cluster_bits, discard)
 
-    def _freed(self, start: int, end: int, discard: int) -> None:
+    def _freed(self, start: int, end: int, freed: list[tuple[int, int]]) -> None:
         self.image.set_meta(start << self.cluster_bits, end - start, 0)
-        self.image.discard_freed(start << self.cluster_bits,
-                                 (end - start) << self.cluster_bits, discard)
+        freed.append((start, end))
 
     def _mark_dirty(self, cluster: int) -> None:
         offset = self.table[cluster >> self.block_bits] & fmt.REFT_OFFSET_MASK
