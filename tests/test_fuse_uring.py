@@ -8,9 +8,12 @@ back what it found.  Where the kernel has no such parameter the tests are skippe
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
+import mmap
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from tests.harness import fd_numbers, fuse_mounts
 from tests.test_fuse import (
     MiB,
     arun,
+    files_on,
     fio,
     fio_load,
     fuse_fds,
@@ -229,3 +233,117 @@ async def test_a_full_file_system_answers_enospc(fuse_dir: Path, start_qsd: QsdF
             await s.delete("export")
     finally:
         run("umount", "-l", store)
+
+
+async def test_two_rings_in_one_iothread(fuse_dir: Path, start_qsd: QsdFactory,
+                                         uring_param: Path) -> None:
+    """One iothread serves the rings of two exports: one under steady fio load, the other
+    added, used and deleted again and again.  The loaded ring must not keep the thread
+    to itself (with a long poll window its load never lets the ring run dry), and a
+    deletion must end even when the kernel hands the stopping export a request late
+    (the RELEASE of the client's close): the unmount waits for it."""
+    images = {name: fuse_dir / f"{name}.raw" for name in ("load", "churn")}
+    for img in images.values():
+        run("truncate", "-s", "16M", img)
+    load_mp = fuse_dir / "load.fuse"
+    churn_mp = fuse_dir / "churn.fuse"
+    load_mp.touch()
+    churn_mp.touch()
+    daemon = start_qsd(*iothread_args(1),
+                       *(arg for name, img in images.items()
+                         for arg in ("--blockdev", f"file,node-name={name},filename={img}")))
+    # The list form: a ring whose thread never changes defers its task work to that
+    # thread's own io_uring_enter calls.
+    ring_opts = {"writable": True, "iothread": ["io0"], "io-uring": "on"}
+    async with session(daemon) as s:
+        assert await s.cmd("qom-set", path="/objects/io0", property="poll-max-ns",
+                           value=20_000_000) == {}
+        await s.add_fuse("load", "load", load_mp, **ring_opts)
+        # fio's job as a thread, so that a SIGINT to fio ends it (and its requests).
+        load = await asyncio.create_subprocess_exec(
+            *fio(load_mp, "--ioengine=psync", "--rw=randrw", "--size=16M", "--thread",
+                 runtime=120), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            dev = os.stat(load_mp).st_dev
+            while not files_on(load.pid, dev):
+                assert load.returncode is None, "fio ended before it opened the export"
+                await asyncio.sleep(0.05)
+
+            def exercise() -> None:
+                fd = os.open(churn_mp, os.O_RDWR)
+                try:
+                    assert os.pwrite(fd, b"\x5a" * 4096, 4096) == 4096
+                    assert os.pread(fd, 4096, 4096) == b"\x5a" * 4096
+                finally:
+                    os.close(fd)
+
+            cycles = 0
+            deadline = asyncio.get_running_loop().time() + 15
+            while asyncio.get_running_loop().time() < deadline:
+                await s.add_fuse("churn", "churn", churn_mp, **ring_opts)
+                await asyncio.wait_for(asyncio.to_thread(exercise), 20)
+                # At once: the RELEASE of the close above may still be on its way.
+                await s.delete("churn")
+                cycles += 1
+            assert load.returncode is None, "fio failed on the loaded export"
+            assert cycles >= 5
+        finally:
+            if load.returncode is None:
+                load.send_signal(signal.SIGINT)
+            # It ends (128, for the signal) once its request in flight is answered.
+            try:
+                await asyncio.wait_for(load.wait(), 30)
+            except TimeoutError:
+                load.kill()
+                raise AssertionError("fio did not end: its requests went unanswered") from None
+        await s.delete("load")
+
+
+async def test_release_while_deleting(fuse_dir: Path, start_qsd: QsdFactory,
+                                      uring_param: Path) -> None:
+    """A request the kernel hands a stopping export's ring, here the RELEASE of a file
+    whose last reference goes while the deletion drains the node: with the ring's task
+    work deferred to its thread only that thread's io_uring_enter moves it into its
+    entry, whose teardown the unmount waits for.  The deletion ends all the same."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    ring_mp = fuse_dir / "ring.fuse"
+    slow_mp = fuse_dir / "slow.fuse"
+    ring_mp.touch()
+    slow_mp.touch()
+    # Every read of the node takes 2 s: a read through the second export keeps the
+    # deletion's drain waiting meanwhile.
+    daemon = start_qsd(*iothread_args(1), "--blockdev",
+                       "null-co,node-name=slow,size=1048576,latency-ns=2000000000")
+    async with session(daemon) as s:
+        await s.add_fuse("ring", "slow", ring_mp, iothread=["io0"], **{"io-uring": "on"})
+        await s.add_fuse("slow", "slow", slow_mp, **{"io-uring": "off"})
+        # A mapping holds the file without a file descriptor: its munmap drops the last
+        # reference with a RELEASE and no FLUSH (which close(2) would wait for).
+        fd = os.open(ring_mp, os.O_RDONLY)
+        addr = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+        os.close(fd)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+
+        def slow_read() -> int:
+            fd = os.open(slow_mp, os.O_RDONLY)
+            try:
+                return len(os.pread(fd, 4096, 0))
+            finally:
+                os.close(fd)
+
+        read = asyncio.ensure_future(asyncio.to_thread(slow_read))
+        await asyncio.sleep(0.5)
+        deletion = asyncio.ensure_future(s.cmd("block-export-del", id="ring"))
+        await asyncio.sleep(0.5)
+        assert not deletion.done()
+        assert libc.munmap(addr, 4096) == 0
+        assert await asyncio.wait_for(read, 20) == 4096
+        assert await asyncio.wait_for(deletion, 20) == {}
+        event = await asyncio.wait_for(s.deleted.get(), 20)
+        assert event["data"] == {"id": "ring"}
+        assert str(ring_mp) not in fuse_mounts()
+        await s.delete("slow")

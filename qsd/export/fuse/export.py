@@ -225,6 +225,7 @@ class FuseExport(BlockExport):
             queue.run_in_ctx(queue.start_ring)
 
     def _close_rings(self) -> None:
+        """Rings made but never registered (set-up failed); any thread."""
         for queue in self.queues:
             if queue.ring is not None:
                 queue.ring.close()
@@ -254,8 +255,9 @@ class FuseExport(BlockExport):
         so requests queued in the kernel fail instead of waiting for us forever."""
         await _in_thread(self.mount.unmount)
         _mountpoints.discard(self.mount.mountpoint)
-        # The rings first: their commands hold the /dev/fuse files open.
-        self._close_rings()
+        # The rings first: their commands hold the /dev/fuse files open.  Each in its
+        # own thread, whose loop still enters it (FuseRing.reap) and must stop first.
+        await asyncio.gather(*(queue.ctx.call(queue.close_ring()) for queue in self.queues))
         for queue in self.queues:
             queue.close()
         for queue in self.queues[1:]:

@@ -39,6 +39,7 @@ class QueueRing(Protocol):
     def register(self) -> None: ...
     def attach(self) -> None: ...
     def detach(self) -> None: ...
+    def reap(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -183,10 +184,20 @@ class FuseQueue:
             self.ctx.call_soon(fn)
 
     async def stop(self) -> None:
-        """In ctx's loop: stop reading for good and wait for every request in flight."""
+        """In ctx's loop: stop reading for good and wait for every request in flight.
+        A ring goes on being entered until the unmount is over (FuseRing.reap)."""
         self.stopped = True
         self.detach()
+        if self.ring is not None:
+            self.ring.reap()
         await wait_tasks(self.tasks)
+
+    async def close_ring(self) -> None:
+        """In ctx's loop (the ring's thread, whose loop watches it), after the unmount."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+            self.ring_active = False
 
     def close(self) -> None:
         """Releases the queue's own epoll (the /dev/fuse fd belongs to the export)."""

@@ -60,6 +60,10 @@ PAYLOAD_SIZE: Final = max(P.FUSE_MIN_READ_BUFFER, MAX_WRITE_BYTES, 32 * 4096)
 # Ring entries per CPU queue: enough for fio's iodepth 16 from two jobs on one CPU.
 ENTRIES_PER_QID: Final = 32
 
+# How long one turn of serving a ring may keep its loop before the loop's other work
+# (a sibling ring of the same thread, callbacks from other threads) runs.
+TURN_NS: Final = 1_000_000
+
 # struct fuse_uring_cmd_req: flags, commit_id, qid
 _CMD_REQ: Final = struct.Struct("=QQH6x")
 _U32: Final = struct.Struct("=I")
@@ -148,6 +152,8 @@ class FuseRing:
         # Entries the kernel still holds or that hold a request; failed ones drop out.
         self.live = 0
         self.attached = False
+        # From the queue's stop until close: the ring is only entered (see reap).
+        self.reaping = False
         # The ring defers its task work to our io_uring_enter calls (no interrupts while
         # we run), so its fd does not wake a sleeping loop: this eventfd does.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -179,12 +185,62 @@ class FuseRing:
             self.queue.ctx.loop.remove_reader(self._wake_fd)
             self.attached = False
 
+    def reap(self) -> None:
+        """When the queue stops, in its thread: keep entering the ring, dropping what
+        comes back, until it is closed.
+
+        Requests still reach the entries after the queue stopped serving (a RELEASE the
+        kernel sends after the client's close, requests that came as the drain began).
+        With deferred task work the kernel copies such a request into its entry only
+        when this thread enters the ring, and until then the request counts as waiting
+        for the connection: the unmount's abort ends requests that are in an entry, but
+        the unmount then waits for every one (fuse_wait_aborted), and the ring used to
+        be closed only after the unmount.  Entered here, the request reaches its entry
+        unanswered, like an unread request on /dev/fuse, and the abort ends it.
+        """
+        if self.reaping or self.live == 0 or self.ring.fd < 0:
+            return
+        self.reaping = True
+        self.queue.ctx.loop.add_reader(self._wake_fd, self._on_reap_wake)
+        # Work that came while the eventfd was silent is not signalled: look now.
+        self.ring.arm_eventfd()
+        self._reap()
+
+    def _on_reap_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+        self._reap()
+
+    def _reap(self) -> None:
+        ring = self.ring
+        cq32 = ring.cq32
+        cqe_s32 = ring.cqe_s32
+        while True:
+            try:
+                ring.submit()
+            except OSError as err:
+                error_report(f"Failed to enter the FUSE ring while stopping: {err.strerror}")
+                return
+            head = cq32[ring.cq_head_i]
+            tail = cq32[ring.cq_tail_i]
+            if head == tail:
+                return
+            for index in range(head, tail if tail >= head else tail + 0x100000000):
+                if cqe_s32[4 * (index & ring.cq_mask) + 2] < 0:
+                    self.live -= 1
+            cq32[ring.cq_head_i] = tail
+
     def close(self) -> None:
         """Closes the ring (the kernel cancels the entries waiting for requests) and
-        releases the buffers (once; the queue closes it when it stops)."""
+        releases the buffers (once, in the queue's thread, after the unmount)."""
         if self.ring.fd < 0:
             return
         self.detach()
+        if self.reaping:
+            self.queue.ctx.loop.remove_reader(self._wake_fd)
+            self.reaping = False
         self.ring.close()
         os.close(self._wake_fd)
         self._mem32.release()
@@ -203,7 +259,8 @@ class FuseRing:
         self._on_ready()
 
     def _on_ready(self) -> None:
-        """Serves the ring until it runs dry (and the poll window closes).
+        """Serves the ring until it runs dry (and the poll window closes) or its turn
+        ends.
 
         While it serves, the eventfd stays silent: the loop enters the kernel anyway.
         When the ring runs dry the loop polls for up to the poll window (the adaptive
@@ -211,22 +268,32 @@ class FuseRing:
         unless work came meanwhile.
         """
         if not self.attached:
-            # A look scheduled by attach() that a detach overtook.
+            # A look scheduled by attach() (or by a turn that ended) that a detach
+            # overtook.
             return
         ring = self.ring
         ring.silence_eventfd()
         try:
-            self._serve_batches()
+            turn_over = self._serve_batches()
         finally:
-            ring.arm_eventfd()
+            pending = ring.arm_eventfd()
+        # Work that came while the eventfd was silent will not be signalled, and a turn
+        # that ended early has work left: look again after the loop's other work.
+        if (turn_over or pending) and self.attached and not self.queue.paused:
+            self.queue.ctx.loop.call_soon(self._on_ready)
 
-    def _serve_batches(self) -> None:
+    def _serve_batches(self) -> bool:
         """The loop of _on_ready: one io_uring_enter per batch commits the answers of
         the last batch and runs the task work that copies newly arrived requests into
         their entries.  READ and WRITE that the block layer finishes at once are
         answered inline with everything in locals, through the u32/u64 views: this
         loop is the whole per-request cost in Python.  The rest goes through
-        ``_serve``."""
+        ``_serve``.
+
+        True when the turn ended (TURN_NS) with the ring still busy: under steady load
+        the ring never runs dry for a whole poll window, and the loop's other work (a
+        sibling ring in the same thread, a pause or stop from another thread) would
+        wait for as long as the load lasts."""
         queue = self.queue
         ring = self.ring
         mem = self.view
@@ -255,12 +322,13 @@ class FuseRing:
         WRITE = P.WRITE
         TASKRUN = IORING_SQ_TASKRUN
         polled = False
+        turn_end = perf_counter_ns() + TURN_NS
         submit()
         while True:
             if queue.paused:
                 # Paused (drain, deletion): every answer is out, new requests stay in
                 # the completion ring until the queue resumes.
-                return
+                return False
             head = cq32[cq_head_i]
             tail = cq32[cq_tail_i]
             if head == tail:
@@ -285,7 +353,7 @@ class FuseRing:
                     queue.poll_missed()
                     polled = False
                 if not ring.arm_eventfd():
-                    return
+                    return False
                 # Work came before the eventfd was armed: it will not be signalled.
                 ring.silence_eventfd()
                 submit()
@@ -351,6 +419,10 @@ class FuseRing:
             ring.sq_tail = sq_tail
             cq32[cq_head_i] = tail
             submit()
+            if perf_counter_ns() > turn_end:
+                # The batch's answers are out; what came meanwhile waits one turn of
+                # the loop.
+                return True
 
     def _serve(self, e: int) -> None:
         """A request in entry ``e`` that the inline fast path did not answer: READ and
