@@ -245,10 +245,18 @@ class Monitor:
         self.events: list[dict[str, Any]] = []
 
     def cmd(self, name: str, /, **args: Any) -> dict[str, Any]:
+        self.send(name, **args)
+        return self.reply()
+
+    def send(self, name: str, /, **args: Any) -> None:
+        """Sends a command without waiting for its reply (see ``reply``)."""
         msg: dict[str, Any] = {"execute": name}
         if args:
             msg["arguments"] = args
         self.raw.send(json.dumps(msg).encode() + b"\n")
+
+    def reply(self) -> dict[str, Any]:
+        """The next reply; the events before it are kept aside."""
         while True:
             reply: dict[str, Any] = json.loads(self.raw.recv_line())
             if "event" in reply:

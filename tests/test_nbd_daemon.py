@@ -8,7 +8,6 @@ flags without block-status-payload).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import shutil
@@ -273,11 +272,10 @@ def test_a_client_that_has_left_does_not_hold_the_export(daemon: tuple[Qsd, Path
             client.sock.sendall(struct.pack(">IHHQQI", P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_DISC,
                                             rnd, 0, 0))
             client.sock.close()
-            mon.raw.send(b'{"execute": "block-export-del", "arguments": {"id": "rw"}}\n')
+            mon.send("block-export-del", id="rw")
         finally:
             os.kill(qsd.pid, signal.SIGCONT)
-        while "event" in (reply := json.loads(mon.raw.recv_line())):
-            mon.events.append(reply)
+        reply = mon.reply()
         assert reply == {"return": {}}, f"round {rnd}: {reply}"
         assert mon.wait_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "rw"}
         mon.ok("block-export-add", type="nbd", id="rw", **{"node-name": "disk"}, name="rw",
